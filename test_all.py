@@ -75,3 +75,20 @@ def test_configure_overrides_and_errors():
                      ('--batch_size', 'needs a value')):
         with pytest.raises(SystemExit, match=msg):
             degrade.configure(dict(g), [bad])
+
+
+# ---------------------------------------------------------------- README and CI never drift apart
+
+def _readme_block(heading):
+    """The first fenced code block under the README section whose title starts with heading."""
+    text = open(os.path.join(HERE, 'README.md')).read()
+    section = text.split('\n## ' + heading, 1)[1].split('\n## ', 1)[0]
+    return section.split('```', 2)[1].split('\n', 1)[1].strip()
+
+
+def test_readme_commands_are_what_ci_runs():
+    ci = [line.strip() for line in open(os.path.join(HERE, '.ci', 'run')) if not line.lstrip().startswith('#')]
+    install, tests = _readme_block('Install'), _readme_block('Tests')
+    assert 'requirements.txt' in install and install in ci
+    assert tests.startswith('python -m pytest') and tests in ci
+    assert ci.index(install) < ci.index(tests)
