@@ -1,0 +1,482 @@
+"""
+The networks: SwinIR (generator, official parameter names), the Real-ESRGAN U-Net discriminator with
+spectral norm, frozen VGG19 features for the perceptual loss, and the checkpoint loader.
+
+    python model.py                                       # parameter counts of the seed networks
+    python model.py --bench                               # SwinIR seed: fwd+bwd 2x3x64x64, infer 1x3x128x128
+    python model.py --bench --ref=/tmp/ref/network_swinir.py   # ... side by side with the official code
+"""
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ==== SwinIR ====
+MODE = 'mixed'
+
+
+@dataclass
+class SwinIRConfig:
+    upscale: int = 4
+    in_chans: int = 3
+    img_size: int = 64  # only kept so official kwargs load; any input size works
+    window_size: int = 8
+    img_range: float = 1.0
+    depths: list = field(default_factory=lambda: [6, 6, 6, 6, 6, 6])
+    embed_dim: int = 78
+    num_heads: list = field(default_factory=lambda: [6, 6, 6, 6, 6, 6])
+    mlp_ratio: float = 2.0
+    upsampler: str = 'pixelshuffledirect'  # or 'pixelshuffle' (classical), 'nearest+conv' (real-world)
+    resi_connection: str = '1conv'  # or '3conv'
+
+
+class WindowPlan:
+    """Token orders and the shift mask for one padded input size, built once and cached.
+    Order s (0 or the shift) lists the tokens window by window of the image rolled by -s, as the
+    official cyclic shift does; `index(a, b)` re-orders a (B, L, C) stream from order a to b
+    (None = row-major image order) in one gather."""
+
+    def __init__(self, H, W, ws, shift, device):
+        h = torch.arange(H, device=device).view(H // ws, 1, ws, 1)
+        w = torch.arange(W, device=device).view(1, W // ws, 1, ws)
+        self.perm, inv = {}, {}
+        for s in {0, shift}:
+            src = ((h + s) % H) * W + (w + s) % W  # (nWh, nWw, ws, ws) image index of each token
+            self.perm[s] = src.reshape(-1)
+            inv[s] = torch.argsort(self.perm[s])
+        orders = [None, 0, shift]
+        self.idx = {(a, b): (self.perm[b] if a is None else inv[a] if b is None else inv[a][self.perm[b]])
+                    for a in orders for b in orders if a != b}
+        self.mask = None
+        if shift:  # official SW-MSA mask: -100 between tokens from different regions of the rolled image
+            def region(x, n):
+                return (x >= n - ws).long() + (x >= n - shift).long()
+            lab = (region(h, H) * 3 + region(w, W)).expand(H // ws, W // ws, ws, ws).reshape(-1, ws * ws)
+            self.mask = ((lab[:, :, None] != lab[:, None, :]).float() * -100.0).unsqueeze(1)  # (nW, 1, N, N)
+
+    def index(self, a, b):
+        return self.idx[(a, b)]
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, window_size, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        c = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij')).flatten(1)
+        d = c[:, :, None] - c[:, None, :] + window_size - 1  # (2, N, N) relative offsets, shifted to >= 0
+        self.register_buffer('relative_position_index', d[0] * (2 * window_size - 1) + d[1], persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        Bw, N, C = x.shape  # (B*nW, N, C)
+        q, k, v = self.qkv(x).view(Bw, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (nH, N, N)
+        if mask is not None:
+            bias = bias + mask  # (nW, nH, N, N)
+        if MODE == 'sdpa' or (MODE == 'mixed' and not torch.is_grad_enabled()):
+            if mask is not None and Bw != mask.shape[0]:
+                bias = bias.expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, -1, N, N)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B*nW, nH, N, hd)
+        else:
+            a = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+            a = (a.view(-1, *bias.shape[-3:]) if mask is None else a.view(-1, *bias.shape)).add_(bias)
+            x = torch.matmul(a.view(Bw, -1, N, N).softmax(-1), v)
+        return self.proj(x.transpose(1, 2).reshape(Bw, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwinTransformerBlock(nn.Module):
+    def __init__(self, dim, num_heads, window_size, shift, mlp_ratio):
+        super().__init__()
+        self.shift, self.window_size = shift, window_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, mask):  # x (B, L, C), tokens in this block's window order
+        B, L, C = x.shape
+        N = self.window_size ** 2
+        x = x + self.attn(self.norm1(x).view(B * L // N, N, C), mask).view(B, L, C)
+        return x + self.mlp(self.norm2(x))
+
+
+def _resi_conv(dim, kind):
+    if kind == '1conv':
+        return nn.Conv2d(dim, dim, 3, 1, 1)
+    if kind == '3conv':  # official: fewer parameters
+        return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, True),
+                             nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, True),
+                             nn.Conv2d(dim // 4, dim, 3, 1, 1))
+    raise ValueError(f"resi_connection: expected '1conv' or '3conv', got {kind!r}")
+
+
+class RSTB(nn.Module):
+    """Residual Swin Transformer block: `depth` blocks, a conv, a skip. Official names: the blocks
+    live in `residual_group.blocks`."""
+
+    def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, resi_connection):
+        super().__init__()
+        self.residual_group = nn.Module()
+        self.residual_group.blocks = nn.ModuleList(
+            SwinTransformerBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else window_size // 2, mlp_ratio)
+            for i in range(depth))
+        self.conv = _resi_conv(dim, resi_connection)
+
+    def forward(self, x, plan):  # x (B, H, W, C)
+        B, H, W, C = x.shape
+        y, order = x.reshape(B, H * W, C), None
+        for blk in self.residual_group.blocks:
+            y, order = y.index_select(1, plan.index(order, blk.shift)), blk.shift
+            y = blk(y, plan.mask if blk.shift else None)
+        y = y.index_select(1, plan.index(order, None)).view(B, H, W, C)
+        return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
+
+
+class SwinIR(nn.Module):
+    def __init__(self, config=None):
+        super().__init__()
+        cfg = self.config = config or SwinIRConfig()
+        dim, out_ch, num_feat = cfg.embed_dim, cfg.in_chans, 64
+        mean = (0.4488, 0.4371, 0.4040) if cfg.in_chans == 3 else (0.0,)
+        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.conv_first = nn.Conv2d(cfg.in_chans, dim, 3, 1, 1)
+        self.patch_embed = nn.Module()
+        self.patch_embed.norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(RSTB(dim, d, h, cfg.window_size, cfg.mlp_ratio, cfg.resi_connection)
+                                    for d, h in zip(cfg.depths, cfg.num_heads))
+        self.norm = nn.LayerNorm(dim)
+        self.conv_after_body = _resi_conv(dim, cfg.resi_connection)
+        if cfg.upsampler == 'pixelshuffledirect':
+            self.upsample = nn.Sequential(nn.Conv2d(dim, cfg.upscale ** 2 * out_ch, 3, 1, 1), nn.PixelShuffle(cfg.upscale))
+        elif cfg.upsampler in ('pixelshuffle', 'nearest+conv'):
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
+            if cfg.upsampler == 'pixelshuffle':
+                steps = [3] if cfg.upscale == 3 else [2] * int(math.log2(cfg.upscale))
+                if cfg.upscale != 3 and 2 ** len(steps) != cfg.upscale:
+                    raise ValueError(f"upscale: pixelshuffle supports 2^n and 3, got {cfg.upscale}")
+                self.upsample = nn.Sequential(*[m for s in steps for m in (nn.Conv2d(num_feat, s * s * num_feat, 3, 1, 1),
+                                                                           nn.PixelShuffle(s))])
+            else:
+                if cfg.upscale != 4:
+                    raise ValueError(f"upscale: nearest+conv supports only 4, got {cfg.upscale}")
+                self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+                self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+                self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_feat, out_ch, 3, 1, 1)
+        else:
+            raise ValueError(f"upsampler: expected pixelshuffledirect, pixelshuffle or nearest+conv, got {cfg.upsampler!r}")
+        self.apply(self._init_weights)
+        self._plans = {}
+
+    @staticmethod
+    def _init_weights(m):  # official init
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    def plan(self, H, W, device):
+        """Cached token orders + shift mask for a padded size (one build per size and device)."""
+        key = (H, W, str(device))
+        if key not in self._plans:
+            ws = self.config.window_size
+            self._plans[key] = WindowPlan(H, W, ws, ws // 2, device)
+        return self._plans[key]
+
+    def forward_features(self, x):  # (B, C, H, W) channels_last -> same
+        plan = self.plan(x.shape[2], x.shape[3], x.device)
+        t = self.patch_embed.norm(x.permute(0, 2, 3, 1))  # (B, H, W, C)
+        for layer in self.layers:
+            t = layer(t, plan)
+        return self.norm(t).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        cfg = self.config
+        H, W = x.shape[2:]
+        ph, pw = -H % cfg.window_size, -W % cfg.window_size
+        if ph or pw:  # official: reflect-pad to a window multiple, crop the output
+            x = F.pad(x, (0, pw, 0, ph), 'reflect' if ph < H and pw < W else 'replicate')
+        x = ((x - self.mean) * cfg.img_range).contiguous(memory_format=torch.channels_last)
+        x = self.conv_first(x)
+        x = self.conv_after_body(self.forward_features(x)) + x
+        if cfg.upsampler == 'pixelshuffledirect':
+            x = self.upsample(x)
+        elif cfg.upsampler == 'pixelshuffle':
+            x = self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        else:
+            x = self.conv_before_upsample(x)
+            x = F.leaky_relu(self.conv_up1(F.interpolate(x, scale_factor=2, mode='nearest')), 0.2)
+            x = F.leaky_relu(self.conv_up2(F.interpolate(x, scale_factor=2, mode='nearest')), 0.2)
+            x = self.conv_last(F.leaky_relu(self.conv_hr(x), 0.2))
+        x = x / cfg.img_range + self.mean
+        return x[:, :, :H * cfg.upscale, :W * cfg.upscale].contiguous()
+
+
+# ==== checkpoints ====
+DERIVED = ('relative_position_index', 'attn_mask')  # official buffers rebuilt from the config
+
+
+def extract_state_dict(obj):
+    """Our checkpoint ('ema', then 'model'; 'model_args'), an official file ('params_ema', then
+    'params') or a plain state dict -> (state_dict without 'module.'/'_orig_mod.' prefixes, model_args or None)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a dict, got {type(obj).__name__}")
+    sd = next((obj[k] for k in ('ema', 'model', 'params_ema', 'params') if isinstance(obj.get(k), dict)), obj)
+    if not sd or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+        raise ValueError("no state dict found (expected a plain state dict or one under 'ema', 'model', "
+                         "'params_ema' or 'params')")
+    out = {}
+    for k, t in sd.items():
+        while k.startswith(('module.', '_orig_mod.')):
+            k = k.split('.', 1)[1]
+        out[k] = t
+    args = obj.get('model_args')
+    return out, (dict(args) if isinstance(args, dict) else None)
+
+
+def infer_config(sd):
+    """The SwinIRConfig that a SwinIR state dict's key shapes describe (img_size, img_range: defaults)."""
+    try:
+        dim, in_chans = sd['conv_first.weight'].shape[:2]
+        depths, heads, i = [], [], 0
+        while f'layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table' in sd:
+            tables = [t for k, t in sd.items() if k.startswith(f'layers.{i}.residual_group.blocks.')
+                      and k.endswith('.attn.relative_position_bias_table')]
+            depths.append(len(tables))
+            heads.append(tables[0].shape[1])
+            i += 1
+        ws = (math.isqrt(sd['layers.0.residual_group.blocks.0.attn.relative_position_bias_table'].shape[0]) + 1) // 2
+        mlp_ratio = sd['layers.0.residual_group.blocks.0.mlp.fc1.weight'].shape[0] / dim
+        resi = '1conv' if 'conv_after_body.weight' in sd else '3conv'
+        if 'conv_up1.weight' in sd:
+            upsampler, upscale = 'nearest+conv', 4
+        elif 'conv_before_upsample.0.weight' in sd:
+            ups = [t.shape[0] // t.shape[1] for k, t in sd.items() if k.startswith('upsample.') and k.endswith('weight')]
+            upsampler, upscale = 'pixelshuffle', math.prod(math.isqrt(u) for u in ups)
+        else:
+            upsampler, upscale = 'pixelshuffledirect', math.isqrt(sd['upsample.0.weight'].shape[0] // in_chans)
+    except (KeyError, IndexError) as e:
+        raise ValueError(f"not a SwinIR state dict (no {e})") from None
+    return SwinIRConfig(upscale=upscale, in_chans=int(in_chans), window_size=ws, depths=depths, embed_dim=int(dim),
+                        num_heads=heads, mlp_ratio=mlp_ratio, upsampler=upsampler, resi_connection=resi)
+
+
+def _mismatch(name, sd, expected):
+    """One line per problem: missing / unexpected / wrong-shape keys (first few of each) + a config that fits."""
+    def few(keys):
+        return ', '.join(keys[:5]) + (f', ... ({len(keys)} in all)' if len(keys) > 5 else '')
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(t.shape)}' for k, t in expected.items()
+              if k in sd and sd[k].shape != t.shape]
+    lines = [f"{name}: the weights do not fit the SwinIR config"]
+    lines += [f"  {what} ({len(ks)}): {few(ks)}" for what, ks in
+              (('missing', missing), ('unexpected', unexpected), ('wrong shape file vs model', shapes)) if ks]
+    if not (missing or unexpected or shapes):
+        return None
+    try:
+        lines.append(f"  a config that would fit: {asdict(infer_config(sd))}")
+    except ValueError as e:
+        lines.append(f"  no SwinIR config fits: {e}")
+    return '\n'.join(lines)
+
+
+def load_generator(path_or_obj, config=None):
+    """Checkpoint path or loaded dict -> (SwinIR in eval mode, SwinIRConfig). Config: model_args in the
+    file, else `config`, else inferred from the key shapes. Any problem -> ValueError starting with the path."""
+    name = path_or_obj if isinstance(path_or_obj, str) else '<checkpoint>'
+    try:
+        obj = torch.load(path_or_obj, map_location='cpu', weights_only=True) if isinstance(path_or_obj, str) else path_or_obj
+        sd, args = extract_state_dict(obj)
+    except Exception as e:
+        raise ValueError(f"{name}: cannot read a SwinIR checkpoint ({type(e).__name__}: {e})") from None
+    sd = {k: t for k, t in sd.items() if not k.endswith(DERIVED)}
+    try:
+        cfg = config if args is None else args
+        cfg = infer_config(sd) if cfg is None else cfg if isinstance(cfg, SwinIRConfig) else SwinIRConfig(**cfg)
+        model = SwinIR(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: bad SwinIR config ({e})") from None
+    problem = _mismatch(name, sd, model.state_dict())
+    if problem:
+        raise ValueError(problem)
+    model.load_state_dict(sd)
+    return model.eval(), cfg
+
+
+# ==== U-Net discriminator with spectral norm (Real-ESRGAN) ====
+
+
+@dataclass
+class UNetConfig:
+    num_in_ch: int = 3
+    num_feat: int = 64
+    skip_connection: bool = True
+
+
+class UNetDiscriminatorSN(nn.Module):
+    """Per-pixel real/fake logits (B, 1, H, W); H and W must be multiples of 8."""
+
+    def __init__(self, config=None):
+        super().__init__()
+        cfg = self.config = config or UNetConfig()
+        nf, sn = cfg.num_feat, nn.utils.spectral_norm
+        self.conv0 = nn.Conv2d(cfg.num_in_ch, nf, 3, 1, 1)
+        for i, (a, b) in enumerate([(1, 2), (2, 4), (4, 8)], 1):  # downsample
+            setattr(self, f'conv{i}', sn(nn.Conv2d(nf * a, nf * b, 4, 2, 1, bias=False)))
+        for i, (a, b) in enumerate([(8, 4), (4, 2), (2, 1), (1, 1), (1, 1)], 4):  # upsample + extra convs
+            setattr(self, f'conv{i}', sn(nn.Conv2d(nf * a, nf * b, 3, 1, 1, bias=False)))
+        self.conv9 = nn.Conv2d(nf, 1, 3, 1, 1)
+
+    def forward(self, x):
+        def act(t):
+            return F.leaky_relu(t, 0.2)
+
+        def up(t):
+            return F.interpolate(t, scale_factor=2, mode='bilinear', align_corners=False)
+        skip = self.config.skip_connection
+        x0 = act(self.conv0(x))
+        x1 = act(self.conv1(x0))
+        x2 = act(self.conv2(x1))
+        x3 = act(self.conv3(x2))
+        x4 = act(self.conv4(up(x3))) + (x2 if skip else 0)
+        x5 = act(self.conv5(up(x4))) + (x1 if skip else 0)
+        x6 = act(self.conv6(up(x5))) + (x0 if skip else 0)
+        return self.conv9(act(self.conv8(act(self.conv7(x6)))))
+
+
+# ==== VGG19 features for the perceptual loss ====
+VGG_FILE = 'vgg19-dcbb9e9d.pth'  # torchvision's vgg19 ImageNet weights
+VGG_URL = 'https://download.pytorch.org/models/' + VGG_FILE
+VGG_TAPS = (2, 7, 16, 25, 34)  # conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 in torchvision's `features`
+
+
+def _vgg_state_dict(weights_path):
+    """weights_path, else torch hub's cache, else torch hub's download; one clear error otherwise."""
+    if weights_path:
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"{weights_path}: VGG19 weights file not found")
+        path = weights_path
+    else:
+        path = os.path.join(torch.hub.get_dir(), 'checkpoints', VGG_FILE)
+        if not os.path.isfile(path):
+            try:
+                return torch.hub.load_state_dict_from_url(VGG_URL, progress=False, weights_only=True)
+            except Exception as e:
+                raise FileNotFoundError(
+                    f"VGG19 weights not found and the download failed ({type(e).__name__}): put torchvision's "
+                    f"{VGG_FILE} ({VGG_URL}) at {path} or pass its path, or train with --perceptual_weight=0") from None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read VGG19 weights ({type(e).__name__}: {e})") from None
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG19: x in [0,1] (B,3,H,W) -> [conv1_2, conv2_2, conv3_4, conv4_4, conv5_4] before ReLU."""
+
+    def __init__(self, weights_path=''):
+        super().__init__()
+        layers, c_in = [], 3
+        for block, (n, c) in enumerate([(2, 64), (2, 128), (4, 256), (4, 512), (4, 512)]):
+            if block:
+                layers.append(nn.MaxPool2d(2, 2))
+            for _ in range(n):
+                layers += [nn.Conv2d(c_in, c, 3, 1, 1), nn.ReLU()]
+                c_in = c
+        self.features = nn.Sequential(*layers[:VGG_TAPS[-1] + 1])
+        sd = {k: t for k, t in _vgg_state_dict(weights_path).items()
+              if k.startswith('features.') and int(k.split('.')[1]) <= VGG_TAPS[-1]}
+        try:
+            self.features.load_state_dict({k[len('features.'):]: t for k, t in sd.items()})
+        except RuntimeError as e:
+            raise ValueError(f"{weights_path or VGG_FILE}: not torchvision vgg19 weights ({e})") from None
+        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):  # always eval: frozen
+        return super().train(False)
+
+    def forward(self, x):
+        x, out = (x - self.mean) / self.std, []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in VGG_TAPS:
+                out.append(x)
+        return out
+
+
+# ==== python model.py [--bench [--ref=PATH] [--repeats=N]] ====
+
+
+def _official_swinir(path, cfg):
+    """The official SwinIR class from a file kept outside the repo, with our seed kwargs."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    module = __import__(os.path.splitext(os.path.basename(path))[0])
+    return module.SwinIR(**asdict(cfg), drop_path_rate=0.0)  # no stochastic depth: same function as ours
+
+
+def bench(ref='', repeats=5):
+    """Median seconds, interleaved so that load from other processes hits both implementations alike."""
+    torch.manual_seed(0)
+    nets = {'ours': SwinIR()}
+    if ref:
+        nets['official'] = _official_swinir(ref, nets['ours'].config)
+        nets['official'].load_state_dict(nets['ours'].state_dict(), strict=False)  # same weights
+    x_train, x_infer = torch.rand(2, 3, 64, 64), torch.rand(1, 3, 128, 128)
+
+    def train_step(m):
+        m.zero_grad(set_to_none=True)
+        m(x_train).square().mean().backward()
+
+    @torch.no_grad()
+    def infer(m):
+        return m(x_infer)
+    tasks = {'fwd+bwd 2x3x64x64': train_step, 'inference 1x3x128x128': infer}
+    times = {(n, t): [] for n in nets for t in tasks}
+    for r in range(repeats + 1):  # the first round warms up
+        for t, fn in tasks.items():
+            for n, m in nets.items():
+                t0 = time.perf_counter()
+                fn(m)
+                if r:
+                    times[n, t].append(time.perf_counter() - t0)
+    print(f"SwinIR seed config, {torch.get_num_threads()} threads, median of {repeats}:")
+    for t in tasks:
+        med = {n: statistics.median(times[n, t]) for n in nets}
+        line = '  '.join(f"{n} {s:.3f} s" for n, s in med.items())
+        print(f"  {t:24s} {line}" + (f"  speedup {med['official'] / med['ours']:.2f}x" if ref else ''))
+    if ref:
+        diff = (infer(nets['ours']) - infer(nets['official'])).abs().max().item()
+        print(f"  max abs output difference, same weights: {diff:.2e}")
+
+
+if __name__ == '__main__':
+    opts = dict(a[2:].split('=', 1) if '=' in a else (a[2:], '1') for a in sys.argv[1:] if a.startswith('--'))
+    unknown = set(opts) - {'bench', 'ref', 'repeats'} or [a for a in sys.argv[1:] if not a.startswith('--')]
+    if unknown:
+        sys.exit(f"error: unknown argument(s) {sorted(unknown)}; usage: python model.py [--bench [--ref=PATH] [--repeats=N]]")
+    for name, net in (('SwinIR', SwinIR()), ('UNetDiscriminatorSN', UNetDiscriminatorSN(UNetConfig(num_feat=24)))):
+        print(f"{name} {asdict(net.config)}: {sum(p.numel() for p in net.parameters()):,} parameters")
+    if 'bench' in opts:
+        bench(opts.get('ref', ''), int(opts.get('repeats', 5)))
