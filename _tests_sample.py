@@ -208,12 +208,14 @@ def test_tiled_equals_untiled(one_thread, tmp_path, capsys):
     assert 'retrying with --tile=76' in printed and 'retrying with --tile=36' in printed
     assert torch.equal(got, sample.upscale_rgb(model, img, 36, 48, 4, 4, cpu))
 
-    # the CLI with --tile writes the same image as without
-    ckpt = tmp_path / 'm.pt'
-    save_ckpt(ckpt, model)
+    # the CLI with --tile writes the same image as without; the untiled run reads the official file
+    # layout (no model_args: the architecture is inferred from the key shapes)
+    save_ckpt(tmp_path / 'ours.pt', model)
+    torch.save({'params_ema': model.state_dict()}, tmp_path / 'official.pth')
     degrade.write_image(str(tmp_path / 'big.png'), img)
-    for args in ([], ['--tile=96', '--tile_overlap=48']):
-        r = run('sample.py', tmp_path / 'big.png', f'--ckpt={ckpt}', f'--out_dir={tmp_path / str(len(args))}', *args)
+    for ckpt, args in (('official.pth', []), ('ours.pt', ['--tile=96', '--tile_overlap=48'])):
+        r = run('sample.py', tmp_path / 'big.png', f'--ckpt={tmp_path / ckpt}', f'--out_dir={tmp_path / str(len(args))}',
+                *args)
         assert r.returncode == 0 and '[1/1] big.png 150x130 -> 600x520' in r.stdout, r.stdout + r.stderr
     a, b = png(tmp_path / '0' / 'big.png'), png(tmp_path / '2' / 'big.png')
     assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
@@ -247,15 +249,20 @@ def test_interpolate_endpoints_mean_and_loading(pair):
                                                            blend['model']['conv_first.weight'])
 
 
-def test_interpolate_bad_inputs_write_nothing(pair):
-    d, _, _ = pair
+def test_interpolate_bad_inputs_write_nothing(pair, monkeypatch):
+    import runpy
+    d, _, g = pair
     psnr, gan, out = f'--psnr={d / "psnr.pt"}', f'--gan={d / "gan.pt"}', d / 'bad' / 'x.pt'
-    for args, msg in (((1.5, psnr, gan), 'alpha must be a number in [0, 1]'),
-                      (('abc', psnr, gan), 'alpha must be'),
-                      ((psnr, gan), 'give alpha'),
-                      ((0.5, f'--psnr={d / "nope.pt"}', gan), 'nope.pt: no such file'),
-                      ((0.5, psnr, f'--gan={d / "other.pt"}'), 'different architectures')):
-        r = run('interpolate.py', *args, f'--out={out}')
+    for args, msg in (((1.5, psnr, gan), 'alpha must be a number in [0, 1]'), (('abc', psnr, gan), 'alpha must be'),
+                      ((psnr, gan), 'give alpha')):  # refused before any file is read: in-process is enough
+        monkeypatch.setattr(sys, 'argv', ['interpolate.py', *map(str, args), f'--out={out}'])
+        with pytest.raises(SystemExit, match=msg.replace('[', r'\[').replace(']', r'\]')):
+            runpy.run_path(os.path.join(HERE, 'interpolate.py'), run_name='__main__')
+    for args, msg in (((0.5, f'--psnr={d / "nope.pt"}', gan), 'nope.pt: no such file'),
+                      ((0.5, psnr, f'--gan={d / "other.pt"}'), 'different architectures'),
+                      ((0.5, psnr, gan, f'--out={d / "gan.pt"}'), 'is one of the inputs')):
+        r = run('interpolate.py', *args, f'--out={out}') if len(args) == 3 else run('interpolate.py', *args)
         assert r.returncode == 1 and msg in r.stderr and 'Traceback' not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
-        assert not os.path.exists(d / 'bad')
+    assert not os.path.exists(d / 'bad')
+    assert torch.equal(torch.load(d / 'gan.pt', weights_only=True)['model']['conv_first.weight'], g['conv_first.weight'])

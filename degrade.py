@@ -169,7 +169,7 @@ def filter2d(img, kernels, sizes=None):
     x = img.gather(2, _reflect_index(nh, r, n[:, 0])[:, None, :, None].expand(B, C, nh, W))
     x = x.gather(3, _reflect_index(nw, r, n[:, 1])[:, None, None, :].expand(B, C, nh, nw))
     kf = torch.fft.rfft2(kernels.reshape(-1, k, k), s=(nh, nw)).conj().to(torch.complex64)
-    out = torch.fft.irfft2(torch.fft.rfft2(x) * kf[:, None], s=(nh, nw))[..., :H, :W]
+    out = torch.fft.irfft2(torch.fft.rfft2(x).mul_(kf[:, None]), s=(nh, nw))[..., :H, :W]
     return out if sizes is None else out * _valid(sizes, H, W)
 
 
@@ -214,15 +214,16 @@ def _resize_matrix(n_in, n_out, rs, mode, rows, cols):
 
 def _resize(img, n_in, n_out, rs, mode, out_hw):
     """Per-sample resize of each valid (n_in) region to n_out (all (B,2)), onto an out_hw canvas."""
-    rh = _resize_matrix(n_in[:, 0], n_out[:, 0], rs[:, 0], mode, out_hw[0], img.shape[2])
-    rw = _resize_matrix(n_in[:, 1], n_out[:, 1], rs[:, 1], mode, out_hw[1], img.shape[3])
-    return torch.matmul(torch.matmul(rh[:, None], img), rw[:, None].transpose(2, 3))
+    B, C, H, W = img.shape
+    rh = _resize_matrix(n_in[:, 0], n_out[:, 0], rs[:, 0], mode, out_hw[0], H)
+    rw = _resize_matrix(n_in[:, 1], n_out[:, 1], rs[:, 1], mode, out_hw[1], W)
+    return torch.matmul(rh[:, None], torch.bmm(img.flatten(1, 2), rw.transpose(1, 2)).view(B, C, H, -1))
 
 
 # ---- noise (basicsr generate_*_noise_pt), per-sample level and gray flag
 def gaussian_noise(img, sigma, gray, generator=None):
     """Noise to add: N(0, sigma/255) per pixel, sigma (B,) in 8-bit levels; gray: one field for all channels."""
-    n = torch.randn(img.shape, generator=generator, device=img.device) * (sigma.float().view(-1, 1, 1, 1) / 255)
+    n = torch.randn(img.shape, generator=generator, device=img.device).mul_(sigma.float().view(-1, 1, 1, 1) / 255)
     return torch.where(gray.view(-1, 1, 1, 1), n[:, :1], n)
 
 
@@ -234,16 +235,17 @@ def poisson_noise(img, scale, gray, generator=None, sizes=None):
     distinct levels rounded up to a power of 2, per sample (gray: of the luma, one field). Samples with
     scale 0 (and a gray sample's 2nd/3rd channel) get rate 0, which costs torch.poisson almost nothing."""
     B, C, H, W = img.shape
-    gv = gray.view(-1, 1, 1, 1)
-    luma = (img * img.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    lev = (torch.where(gv, luma.expand_as(img), img) * 255).round().clamp(0, 255)
-    valid = torch.ones(B, 1, H, W, device=img.device) if sizes is None else _valid(sizes, H, W)
-    idx = lev.long() + 256 * torch.arange(B, device=img.device).view(-1, 1, 1, 1)
-    hist = torch.zeros(B * 256, device=img.device).scatter_add_(0, idx.flatten(), valid.expand_as(lev).flatten())
-    v = 2 ** torch.ceil(torch.log2((hist.view(B, 256) > 0).sum(1).clamp_min(1).float())).view(-1, 1, 1, 1)
-    rate = lev / 255 * v * ((scale.view(-1, 1, 1, 1) > 0) & ~(gv & (torch.arange(C, device=img.device) > 0).view(1, -1, 1, 1)))
-    noise = torch.poisson(rate, generator=generator) / v - lev / 255
-    return torch.where(gv, noise[:, :1], noise) * scale.float().view(-1, 1, 1, 1)
+    dev, gv, sv = img.device, gray.view(-1, 1, 1, 1), scale.float().view(-1, 1, 1, 1)
+    luma = torch.einsum('bchw,c->bhw', img, img.new_tensor(_LUMA))[:, None]
+    lev = (torch.where(gv, luma, img) * 255).round_().clamp_(0, 255)
+    # distinct levels: mark bins 1..256 of each sample (bin 0 collects the pixels outside the valid region)
+    idx = (lev + 1).mul_(1 if sizes is None else _valid(sizes, H, W)).long()
+    idx += 257 * torch.arange(B, device=dev).view(-1, 1, 1, 1)
+    seen = torch.zeros(B * 257, device=dev).index_put_((idx.flatten(),), torch.ones((), device=dev))
+    v = 2 ** torch.ceil(torch.log2(seen.view(B, 257)[:, 1:].sum(1).clamp_min(1))).view(-1, 1, 1, 1)
+    keep = (sv > 0) & ~(gv & (torch.arange(C, device=dev) > 0).view(1, -1, 1, 1))
+    noise = torch.poisson(lev * (v / 255 * keep), generator=generator).mul_(sv / v).sub_(lev * (sv / 255))
+    return torch.where(gv, noise[:, :1], noise)
 
 
 # ---- JPEG round trip (basicsr DiffJPEG, differentiable=False)
@@ -261,13 +263,13 @@ _DCT = torch.kron(_d, _d).float()  # (64,64): row-major block -> row-major D X D
 
 
 def _dct_round_trip(x, table, factor):
-    """(B,c,h,w) with h, w multiples of 8: blockwise DCT, quantise with table*factor (B,), back."""
+    """(B,c,h,w), h and w multiples of 8: blockwise DCT, quantise with table*factor (B,), back."""
     B, c, h, w = x.shape
-    blocks = (x - 128).view(B, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(B, -1, 64)
+    dct = _DCT.to(x.device)
     # clamp: quality 100 gives factor 0, a zero table (basicsr divides by it); libjpeg also keeps steps >= 1
     q = (table.to(x.device).flatten() * factor.view(-1, 1, 1)).clamp_min(1)
-    coef = torch.round((blocks @ _DCT.to(x.device).T) / q) * q
-    blocks = coef @ _DCT.to(x.device) + 128
+    coef = (x - 128).view(B, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(B, -1, 64) @ dct.T
+    blocks = (torch.round(coef / q).mul_(q) @ dct).add_(128)
     return blocks.view(B, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(B, c, h, w)
 
 
@@ -278,13 +280,13 @@ def jpeg(img, quality):
     B, _, H, W = img.shape
     q = torch.as_tensor(quality, dtype=torch.float32, device=img.device).expand(B)
     factor = torch.where(q < 50, 5000 / q, 200 - q * 2) / 100
-    x = F.pad(img, (0, -W % 16, 0, -H % 16)) * 255
     shift = img.new_tensor([0.0, 128.0, 128.0]).view(1, 3, 1, 1)
-    ycc = torch.einsum('bchw,jc->bjhw', x, _RGB2YCC.to(img.device)) + shift
+    x = F.pad(img, (0, -W % 16, 0, -H % 16)) * 255
+    ycc = torch.einsum('bchw,jc->bjhw', x, _RGB2YCC.to(img.device)).add_(shift)
     y = _dct_round_trip(ycc[:, :1], _Y_TABLE, factor)
-    c = _dct_round_trip(F.avg_pool2d(ycc[:, 1:], 2), _C_TABLE, factor).repeat_interleave(2, 2).repeat_interleave(2, 3)
-    rgb = torch.einsum('bchw,jc->bjhw', torch.cat([y, c], 1) - shift, _YCC2RGB.to(img.device))
-    return (rgb.clamp(0, 255) / 255)[..., :H, :W]
+    c = F.interpolate(_dct_round_trip(F.avg_pool2d(ycc[:, 1:], 2), _C_TABLE, factor), scale_factor=2.0)
+    rgb = torch.einsum('bchw,jc->bjhw', torch.cat([y, c], 1).sub_(shift), _YCC2RGB.to(img.device))
+    return rgb[..., :H, :W].clamp(0, 255) / 255
 
 
 # ---- the pipeline (Real-ESRGAN feed_data, every choice per sample)
@@ -339,8 +341,8 @@ def _kernels(p):
 def _add_noise(x, sizes, p, s, generator):
     gauss, gray = p['gaussian' + s], p['gray' + s]
     n = gaussian_noise(x, torch.where(gauss, p['sigma' + s], 0.0), gray, generator)
-    n = n + poisson_noise(x, torch.where(gauss, 0.0, p['poisson' + s]), gray, generator, sizes)
-    return (x + n).clamp(0, 1) * _valid(sizes, *x.shape[2:])
+    n += poisson_noise(x, torch.where(gauss, 0.0, p['poisson' + s]), gray, generator, sizes)
+    return (x + n).clamp_(0, 1).mul_(_valid(sizes, *x.shape[2:]))
 
 
 def _degrade(gt, p, o, generator, tick=lambda stage: None):
@@ -355,7 +357,8 @@ def _degrade(gt, p, o, generator, tick=lambda stage: None):
     tick('blur1')
     s1 = p['scale1'].view(-1, 1)
     n1 = (full * s1).floor().long()
-    c1 = [-(-int(d * max(o['resize_range'][1], 1)) // 16) * 16 for d in (H, W)]
+    c1 = n1.amax(0).tolist() if gt.device.type == 'cpu' else [int(d * max(o['resize_range'][1], 1)) for d in (H, W)]
+    c1 = [-(-c // 16) * 16 for c in c1]  # a fixed canvas on accelerators; on the CPU (no sync cost) a tight one
     x = _resize(x, full, n1, (1 / s1).float().expand(B, 2), p['mode1'], c1)
     tick('resize1')
     x = _add_noise(x, n1, p, '1', generator)

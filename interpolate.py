@@ -104,6 +104,8 @@ if __name__ == '__main__':
     args, config = degrade.configure(globals())
     print(config)
     alpha = parse_alpha(args)
+    if os.path.realpath(out) in (os.path.realpath(psnr), os.path.realpath(gan)):
+        raise SystemExit(f"error: --out={out} is one of the inputs: it would be overwritten")
     (p, args_p), (g, args_g) = load('psnr', psnr), load('gan', gan)
     check_same_architecture(p, g, args_p, args_g)
     result = {'model': blend(p, g, alpha), 'model_args': args_p or args_g,

@@ -74,7 +74,7 @@ def ramp_weights(n, lo_inner, hi_inner, overlap, scale):
     return w.float()
 
 
-def upscale_tiled(model, img, size, overlap, window, scale, dev):
+def upscale_tiled(model, img, size, overlap, scale, dev):
     """(3,H,W) CPU float -> (3,sH,sW) CPU float, one tile at a time on dev, blended on the CPU."""
     _, H, W = img.shape
     out = torch.zeros(3, H * scale, W * scale)
@@ -98,7 +98,7 @@ def upscale_rgb(model, img, size, overlap, window, scale, dev):
     while True:
         ov = min(-(-overlap // window) * window, size // 2 // window * window)  # <= 2 tiles per pixel
         try:
-            return upscale_tiled(model, img, size, ov, window, scale, dev)
+            return upscale_tiled(model, img, size, ov, scale, dev)
         except torch.OutOfMemoryError:
             if size <= window:
                 raise

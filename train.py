@@ -173,8 +173,7 @@ class Pool:
             y, x = (int(torch.randint(s - gt_size + 1, (), generator=self.gen)) for s in (h, w))
             src.append([face, y, x, int(torch.randint(2, (), generator=self.gen))])
         gt = torch.stack([self.crop(s, 0, 0, gt_size) for s in src]).to(self.dev).float() / 255
-        with torch.autocast(self.dev.type, enabled=False):
-            lq, usm = degrade.degrade(gt, generator=self.dgen)  # (n,3,gt/4,gt/4), (n,3,gt,gt)
+        lq, usm = degrade.degrade(gt, generator=self.dgen)  # (n,3,gt/4,gt/4), (n,3,gt,gt), float32 always
         return degrade.to_uint8(lq), degrade.to_uint8(usm), torch.tensor(src)
 
     def draw(self, n, refill):
