@@ -45,6 +45,10 @@ def test_swinir_matches_reference_and_loads_official_forms(vectors):
             out = net(ref['input'])  # 18x22: not a multiple of the window
         assert out.shape == ref['output'].shape
         assert (out - ref['output']).abs().max() <= 1e-5
+    # the other attention paths: one image (inner windows unmasked), and with autograd on (explicit softmax)
+    with torch.no_grad():
+        assert (net(ref['input'][1:]) - ref['output'][1:]).abs().max() <= 1e-5
+    assert (net(ref['input']) - ref['output']).abs().max() <= 1e-5
     saved = net.state_dict()
     assert not any(k.endswith(derived) for k in saved) and set(saved) == {k for k in official if not k.endswith(derived)}
 

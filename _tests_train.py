@@ -2,6 +2,7 @@
 Tests of train.py (tiny SwinIR, 64x64 made-up faces, CPU): python -m pytest -q _tests_train.py
 """
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -24,27 +25,6 @@ needs_shared = pytest.mark.skipif(not os.path.exists(VECTORS), reason='needs ../
 TRAIN = os.path.join(HERE, 'train.py')
 TINY = ['--gt_size=64', '--patch_size=8', '--embed_dim=12', '--depths=[2]', '--num_heads=[2]', '--window_size=4',
         '--batch_size=2', '--pool_size=4', '--log_interval=1']
-
-# ---- stand-in degradation while degrade.degrade is being written (removed once it lands)
-STAND_IN = '''
-import torch, torch.nn.functional as F, degrade
-if not hasattr(degrade, 'degrade'):
-    def _degrade(gt, generator=None, return_params=False, **kw):
-        lq = F.avg_pool2d(gt, 4) + 0.02 * torch.randn(gt.shape[0], 3, gt.shape[2] // 4, gt.shape[3] // 4,
-                                                      generator=generator, device=gt.device)
-        return (lq.clamp(0, 1) * 255).round() / 255, gt.clone()
-    degrade.degrade = _degrade
-'''
-exec(STAND_IN)
-
-
-def script(tmp_path):
-    """train.py, behind a runner that installs the stand-in degradation when it is still missing."""
-    path = tmp_path / 'run_train.py'
-    path.write_text(f"import sys, runpy\nsys.path.insert(0, {HERE!r})\n{STAND_IN}\n"
-                    f"sys.argv[0] = {TRAIN!r}\nrunpy.run_path({TRAIN!r}, run_name='__main__')\n")
-    return str(path)
-
 
 def train(*args):
     """Run train.py in this process (it is a script: its settings live in a fresh namespace each time)."""
@@ -150,10 +130,11 @@ def test_resume_after_kill_equals_uninterrupted(data, vgg_file, tmp_path):
     # GAN mode: covers G, D (spectral-norm buffers), both Adams, the EMA, the pool and every RNG stream
     args = [*data, *TINY, '--mode=gan', f'--vgg_path={vgg_file}', '--max_iters=6', '--eval_interval=3',
             '--refill_every=2']
-    run = script(tmp_path)
+    run = TRAIN
     subprocess.run([sys.executable, run, *args, f'--out_dir={tmp_path / "a"}'], check=True, capture_output=True)
     killer = tmp_path / 'kill_at_step.py'  # kill -9 during iteration 5 (two Adam steps per iteration)
-    killer.write_text(f"import os, signal, sys, runpy, torch\nstep, n = torch.optim.Adam.step, [0]\n"
+    killer.write_text(f"import os, signal, sys, runpy, torch\nsys.path.insert(0, {HERE!r})\n"
+                      f"step, n = torch.optim.Adam.step, [0]\n"
                       f"def killing(self, *a, **k):\n    n[0] += 1\n"
                       f"    if n[0] == 9: os.kill(os.getpid(), signal.SIGKILL)\n    return step(self, *a, **k)\n"
                       f"torch.optim.Adam.step = killing\nrunpy.run_path({run!r}, run_name='__main__')\n")
@@ -173,7 +154,7 @@ def test_resume_after_kill_equals_uninterrupted(data, vgg_file, tmp_path):
 def test_two_process_gloo_run_ends_with_identical_weights(data, tmp_path):
     out = tmp_path / 'ddp'
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        script(tmp_path), *data, *TINY, '--max_iters=3', '--eval_interval=3', f'--out_dir={out}'],
+                        TRAIN, *data, *TINY, '--max_iters=3', '--eval_interval=3', f'--out_dir={out}'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     sums = dict(re.findall(r'rank (\d): weights checksum ([0-9a-f]{16})', r.stdout))
@@ -231,3 +212,36 @@ def test_override_parser_rejects_unknown_keys_and_wrong_types(data, tmp_path):
     assert "--mode=fast: expected 'psnr' or 'gan'" in error_line(*data, '--mode=fast', out)
     assert '--patch_size=32' in error_line(*data, '--gt_size=64', '--patch_size=32', out)
     assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_non_finite_step_is_skipped_and_reported(data, tmp_path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location('train_module', TRAIN)
+    T = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(T)  # the __main__ guard keeps it from training
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+
+    def step(scale):
+        net(torch.ones(1, 3)).sum().mul(scale).backward()
+        before = [t.clone() for t in [*net.parameters(), *(v for s in opt.state.values() for v in s.values())]]
+        return T.guarded_step(opt, net), before
+
+    ok, before = step(float('nan'))  # a first step: its new moments roll back to zeros
+    assert not ok and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(torch.count_nonzero(s['exp_avg']) == 0 for s in opt.state.values())
+    ok, before = step(1.0)
+    assert ok and not torch.equal(before[0], net.weight)
+    ok, before = step(float('inf'))
+    after = [*net.parameters(), *(v for s in opt.state.values() for v in s.values())]
+    assert not ok and all(torch.equal(a, b) for a, b in zip(before, after) if a.dim())  # all but the step count
+    mse, calls = torch.nn.functional.mse_loss, [0]
+
+    def nan_at_third(a, b):
+        calls[0] += 1
+        return mse(a, b) * (float('nan') if calls[0] == 3 else 1.0)
+    monkeypatch.setattr(torch.nn.functional, 'mse_loss', nan_at_third)
+    train(*data, *TINY, '--max_iters=4', '--eval_interval=4', f'--out_dir={tmp_path}')
+    assert 'iter 3: non-finite loss or gradient, G step skipped' in capsys.readouterr().out
+    assert [r['skipped'] for r in records(tmp_path) if 'loss' in r] == [0, 0, 1, 0]
+    ckpt = load(tmp_path / 'ckpt.pt')
+    assert all(torch.isfinite(t).all() for part in ('model', 'ema') for t in ckpt[part].values())

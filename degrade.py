@@ -4,12 +4,11 @@ Also home of what the scripts share: image I/O, PSNR/SSIM, the --key=value confi
 
     python degrade.py GT_DIR LQ_DIR --seed=0      # write one 128x128 LQ PNG per GT face
     python degrade.py --bench                     # img/s for 8 x 512x512 faces, time per stage
-    python degrade.py --bench --device=cuda --batch_size=32
 
-Per-sample design: images of different sizes share one zero canvas (top-left, valid sizes kept as
-(B,2) tensors); resizes are per-sample (out x in) matrices applied with batched matmuls, blurs are
-FFT correlations of per-sample reflect-padded (gathered) images, the JPEG works on whole canvases
-(zeros outside = the reference's zero padding). Nothing reads a drawn value back to the host.
+Per sample without host syncs: images of different sizes share a zero canvas (top-left, sizes in (B,2)
+tensors); a resize is one (out x in) matrix per sample and axis (batched matmuls), a blur an FFT product
+after gathering per-sample reflect indices, JPEG runs on whole canvases (zeros = the reference's zero
+padding). Only on the CPU, where it is free, is the first canvas cut to the batch's largest image.
 """
 import ast
 import math
@@ -55,146 +54,113 @@ jpeg_range2 = [70.0, 95.0]  # JPEG quality range of the final step
 # ---- final step
 final_sinc_prob = 0.8  # final sinc filter, else identity
 scale = 4  # the LQ is gt / scale
-_OPTIONS = {k: v for k, v in globals().items() if k not in _before_options and not k.startswith('_')}
-
-KSIZE = 21  # all blur kernels are padded to this size; drawn sizes are odd 7..21 as in Real-ESRGAN
+_OPTIONS = [k for k in globals() if k not in _before_options and not k.startswith('_')]
+KSIZE = 21  # kernels are padded to this size; their drawn sizes are odd, 7..21 (Real-ESRGAN)
 
 
 def _options(overrides):
     bad = sorted(set(overrides) - set(_OPTIONS))
     if bad:
-        raise ValueError(f"unknown degradation option(s) {', '.join(bad)} (known: {', '.join(_OPTIONS)})")
-    g = globals()
-    return {k: overrides.get(k, g[k]) for k in _OPTIONS}
+        raise ValueError(f"unknown degradation option(s) {', '.join(bad)}; known: {', '.join(_OPTIONS)}")
+    return {k: overrides.get(k, globals()[k]) for k in _OPTIONS}
 
 
-def _real(dev):  # float64 for the kernel maths, except where the device has none
+def _real(dev):  # float64 for the kernel maths, where the device has it
     return torch.float32 if torch.device(dev or 'cpu').type == 'mps' else torch.float64
 
 
-# ---- blur kernels (basicsr.data.degradations), batched over parameter tensors
-def _bessel_j1(x):
-    """J1 by the trapezoidal rule on its periodic integral: ~1e-15 for |x| < 90 (torch's is ~5e-7 off)."""
-    t = torch.arange(128, dtype=x.dtype, device=x.device) * (2 * math.pi / 128)
-    return torch.cos(t - x[..., None] * t.sin()).mean(-1)
-
-
-def _kernel(size, family, sx, sy, theta, beta, omega):
-    """(B,size,size) unnormalised kernels from (B,) parameters; family 0 Gaussian, 1 generalized
-    Gaussian, 2 plateau, 3 circular sinc (omega), on basicsr's grid (x = column, y = row, centre 0)."""
+# ---- blur kernels (basicsr.data.degradations), batched over (B,) parameter tensors
+def _kernel(size, family, sx, sy, theta, beta, omega, cut=None):
+    """(B,size,size) kernels summing to 1 from (B,) parameters: family 0 Gaussian, 1 generalized Gaussian,
+    2 plateau, 3 circular sinc, on basicsr's grid (x = column, y = row, centre 0); zero outside the
+    central cut x cut (B,) (= basicsr's kernel of that size, zero-padded)."""
     v = lambda t: t.reshape(-1, 1, 1)
     a = torch.arange(size, dtype=sx.dtype, device=sx.device) - size // 2
     y, x = a[:, None], a[None, :]
     c, s, ix, iy = v(theta.cos()), v(theta.sin()), v(sx ** -2), v(sy ** -2)
+    # q = [x y] Sigma^-1 [x y]^T, Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T
     q = (c * c * ix + s * s * iy) * x * x + 2 * c * s * (ix - iy) * x * y + (s * s * ix + c * c * iy) * y * y
-    qb = q ** v(beta)  # q = [x y] Sigma^-1 [x y]^T with Sigma = R(theta) diag(sx^2, sy^2) R(theta)^T
-    r, w = torch.sqrt(x * x + y * y), v(omega)
-    sinc = torch.where(r > 0, w * _bessel_j1(w * r) / (2 * math.pi * r.clamp_min(1)), w * w / (4 * math.pi))
+    qb, r, w = q ** v(beta), torch.sqrt(x * x + y * y), v(omega)
+    # J1 by the trapezoidal rule on its periodic integral: 1e-15 here (torch.special.bessel_j1: 5e-7)
+    t = torch.arange(128, dtype=sx.dtype, device=sx.device) * (2 * math.pi / 128)
+    j1 = torch.cos(t - (w * r)[..., None] * t.sin()).mean(-1)
+    sinc = torch.where(r > 0, w * j1 / (2 * math.pi * r.clamp_min(1)), w * w / (4 * math.pi))
     f = v(torch.as_tensor(family, device=sx.device))
-    return torch.where(f == 0, torch.exp(-0.5 * q), torch.where(f == 1, torch.exp(-0.5 * qb),
-                       torch.where(f == 2, 1 / (qb + 1), sinc)))
+    k = torch.where(f == 0, torch.exp(-0.5 * q), torch.where(
+        f == 1, torch.exp(-0.5 * qb), torch.where(f == 2, 1 / (qb + 1), sinc)))
+    if cut is not None:
+        k = k * ((y.abs() <= v(cut) // 2) & (x.abs() <= v(cut) // 2))
+    return k / k.sum((1, 2), keepdim=True)
 
 
-def _public_kernel(size, family, sx, sy, theta, beta, omega, isotropic):
+def _public(size, family, sx, sy, theta, beta=1.0, omega=1.0, isotropic=False):
+    """Python float parameters -> (size,size), 1-D tensors -> (B,size,size); isotropic as basicsr:
+    sigma_x on both axes, no rotation."""
     vals = (sx, sy, theta, beta, omega)
     dev = next((t.device for t in vals if torch.is_tensor(t)), None)
     sx, sy, theta, beta, omega = torch.broadcast_tensors(
         *(torch.as_tensor(t, dtype=_real(dev), device=dev).reshape(-1) for t in vals))
-    if isotropic:  # basicsr: sigma_x for both axes, no rotation
-        sy, theta = sx, torch.zeros_like(theta)
-    k = _kernel(size, family, sx, sy, theta, beta, omega)
-    k = k / k.sum((1, 2), keepdim=True)
+    k = _kernel(size, family, sx, sx if isotropic else sy, 0 * theta if isotropic else theta, beta, omega)
     return k if any(torch.is_tensor(t) for t in vals) else k[0]
 
 
 def bivariate_gaussian(size, sigma_x, sigma_y, theta, isotropic=True):
-    return _public_kernel(size, 0, sigma_x, sigma_y, theta, 1.0, 1.0, isotropic)
+    return _public(size, 0, sigma_x, sigma_y, theta, isotropic=isotropic)
 
 
 def bivariate_generalized_gaussian(size, sigma_x, sigma_y, theta, beta, isotropic=True):
-    return _public_kernel(size, 1, sigma_x, sigma_y, theta, beta, 1.0, isotropic)
+    return _public(size, 1, sigma_x, sigma_y, theta, beta, isotropic=isotropic)
 
 
 def bivariate_plateau(size, sigma_x, sigma_y, theta, beta, isotropic=True):
-    return _public_kernel(size, 2, sigma_x, sigma_y, theta, beta, 1.0, isotropic)
+    return _public(size, 2, sigma_x, sigma_y, theta, beta, isotropic=isotropic)
 
 
 def sinc_kernel(omega_c, size, pad_to=0):
-    """2D circular low-pass (basicsr circular_lowpass_kernel), zero-padded to pad_to when larger."""
-    p = max(pad_to - size, 0) // 2
-    return F.pad(_public_kernel(size, 3, 1.0, 1.0, 0.0, 1.0, omega_c, True), (p, p, p, p))
+    p = max(pad_to - size, 0) // 2  # basicsr circular_lowpass_kernel, zero-padded to pad_to
+    return F.pad(_public(size, 3, 1.0, 1.0, 0.0, omega=omega_c), (p, p, p, p))
 
 
-def _stage_kernel(kind, size, sx, sy, theta, beta, omega, on):
-    """Per-sample (B,21,21) float kernels: kind 0..5 as kernel_prob, 6 sinc; cut to the drawn size
-    (= basicsr's size-k kernel padded to 21); a delta (identity) where `on` is False."""
-    k = _kernel(KSIZE, kind // 2, sx, sy, theta, beta, omega)
-    a = (torch.arange(KSIZE, device=kind.device) - KSIZE // 2).abs()
-    k = k * ((a[:, None] <= size.view(-1, 1, 1) // 2) & (a <= size.view(-1, 1, 1) // 2))
-    delta = (a[:, None] == 0) & (a == 0)
-    return torch.where(on.view(-1, 1, 1), k / k.sum((1, 2), keepdim=True), delta.to(k.dtype))
-
-
-# ---- filtering and resizing on a zero canvas with per-sample valid sizes (B,2)
-def _valid(sizes, h, w):  # (B,1,h,w) 1 inside each sample's valid top-left region
+# ---- filtering and resizing; images may sit top-left on a zero canvas with valid sizes (B,2)
+def _valid(sizes, h, w):  # (B,1,h,w): 1 inside each valid region
     ar = lambda n: torch.arange(n, device=sizes.device)
     return ((ar(h)[:, None] < sizes[:, :1, None]) & (ar(w) < sizes[:, 1:, None]))[:, None].float()
 
 
-def _fft_len(n):  # smallest 2^a 3^b 5^c >= n: FFTs of those lengths are fast
-    while True:
-        m = n
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        if m == 1:
-            return n
-        n += 1
-
-
-def _reflect_index(length, r, n):  # (B,length): padded position -> source index, 'reflect' about each n
-    p = (torch.arange(length, device=n.device) - r).abs()
-    return ((n[:, None] - 1) - ((n[:, None] - 1) - p).abs()).clamp_min(0)
-
-
 def filter2d(img, kernels, sizes=None):
-    """basicsr filter2D: per-sample (B,k,k) (or one (k,k)) correlation with reflect padding, here as an
-    FFT product. sizes (B,2): each image's valid size on a zero canvas (the rest stays zero)."""
+    """basicsr filter2D: correlation with per-sample (B,k,k) (or one (k,k)) kernels, reflect padding,
+    done as an FFT product. sizes (B,2): valid sizes on a zero canvas (kept zero outside)."""
     B, C, H, W = img.shape
-    k = kernels.shape[-1]
-    r = k // 2
-    full = torch.tensor([H, W], device=img.device).expand(B, 2)
-    n = full if sizes is None else sizes
-    nh, nw = _fft_len(H + 2 * r), _fft_len(W + 2 * r)
-    x = img.gather(2, _reflect_index(nh, r, n[:, 0])[:, None, :, None].expand(B, C, nh, W))
-    x = x.gather(3, _reflect_index(nw, r, n[:, 1])[:, None, None, :].expand(B, C, nh, nw))
-    kf = torch.fft.rfft2(kernels.reshape(-1, k, k), s=(nh, nw)).conj().to(torch.complex64)
+    r = kernels.shape[-1] // 2
+    n = torch.tensor([H, W], device=img.device).expand(B, 2) if sizes is None else sizes
+    nh, nw = (next(m for m in range(d + 2 * r, 4 * d + 8 * r) if 30 ** 20 % m == 0) for d in (H, W))  # 2^a 3^b 5^c
+
+    def reflect(length, n):  # (B,length): source index of each padded position, 'reflect' about n
+        p = (torch.arange(length, device=img.device) - r).abs()
+        return ((n[:, None] - 1) - ((n[:, None] - 1) - p).abs()).clamp_min(0)
+    x = img.gather(2, reflect(nh, n[:, 0])[:, None, :, None].expand(B, C, nh, W))
+    x = x.gather(3, reflect(nw, n[:, 1])[:, None, None, :].expand(B, C, nh, nw))
+    kf = torch.fft.rfft2(kernels.reshape(-1, 2 * r + 1, 2 * r + 1), s=(nh, nw)).conj().to(torch.complex64)
     out = torch.fft.irfft2(torch.fft.rfft2(x).mul_(kf[:, None]), s=(nh, nw))[..., :H, :W]
     return out if sizes is None else out * _valid(sizes, H, W)
 
 
 def usm_sharp(img, weight=0.5, radius=50, threshold=10):
-    """Unsharp masking as basicsr's USMSharp: Gaussian of cv2.getGaussianKernel(radius|1, 0)."""
+    """basicsr USMSharp: sharpen where |img - blur| > threshold/255, blended by the blurred mask; the
+    blur is cv2.getGaussianKernel(radius rounded up to odd, sigma 0)."""
     r = radius + 1 - radius % 2
-    sigma = 0.3 * ((r - 1) * 0.5 - 1) + 0.8
-    g = torch.exp(-(torch.arange(r, dtype=_real(img.device), device=img.device) - r // 2) ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    blur = lambda x: filter2d(x, g[:, None] * g[None])
-    residual = img - blur(img)
-    soft = blur((residual.abs() * 255 > threshold).float())
+    g = torch.arange(r, dtype=_real(img.device), device=img.device) - r // 2
+    g = torch.exp(-g ** 2 / (2 * (0.3 * ((r - 1) * 0.5 - 1) + 0.8) ** 2))
+    g = g[:, None] * g / g.sum() ** 2
+    residual = img - filter2d(img, g)
+    soft = filter2d((residual.abs() * 255 > threshold).float(), g)
     return soft * (img + weight * residual).clamp(0, 1) + (1 - soft) * img
 
 
-def _cubic(t, a=-0.75):  # torch's bicubic convolution weights for the 4 taps around t in [0,1)
-    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1
-    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return torch.cat([far(t + 1), near(t), near(1 - t), far(2 - t)], -1)
-
-
 def _resize_matrix(n_in, n_out, rs, mode, rows, cols):
-    """(B,rows,cols) matrices doing F.interpolate (align_corners=False, no antialias) along one axis,
-    per sample: mode 0 area (adaptive average pooling), 1 bilinear, 2 bicubic; rs = source pixels per
-    output pixel as torch uses it (1/scale_factor, or n_in/n_out); rows >= n_out are zero."""
+    """(B,rows,cols): F.interpolate along one axis (align_corners=False, no antialias) per sample with
+    mode 0 area (adaptive average pooling), 1 bilinear, 2 bicubic; rs = input pixels per output pixel
+    as torch takes it (1/scale_factor, or n_in/n_out); rows from n_out on are zero."""
     B, dev = n_in.shape[0], n_in.device
     o = torch.arange(rows, device=dev)[None, :, None]
     ni, no, m = n_in.view(-1, 1, 1), n_out.view(-1, 1, 1), mode.view(-1, 1, 1)
@@ -204,19 +170,19 @@ def _resize_matrix(n_in, n_out, rs, mode, rows, cols):
         2, torch.cat([start, end], 2).clamp(max=cols), torch.cat([w, -w], 2)).cumsum(2)[..., :cols]
     src = rs.view(-1, 1, 1).float() * (o + 0.5) - 0.5
     src = torch.where(m == 2, src, src.clamp_min(0))  # linear clamps negative coordinates, cubic does not
-    f = src.floor()
-    t = src - f
-    taps = torch.where(m == 2, _cubic(t), torch.cat([0 * t, 1 - t, t, 0 * t], -1))
-    idx = (f.long() + torch.arange(-1, 3, device=dev)).clamp(min=0).minimum(ni - 1)
+    t = src - src.floor()
+    near, far = lambda x: (1.25 * x - 2.25) * x * x + 1, lambda x: ((-0.75 * x + 3.75) * x - 6) * x + 3
+    taps = torch.where(m == 2, torch.cat([far(t + 1), near(t), near(1 - t), far(2 - t)], 2),
+                       torch.cat([0 * t, 1 - t, t, 0 * t], 2))  # cubic: torch's A = -0.75
+    idx = (src.floor().long() + torch.arange(-1, 3, device=dev)).clamp(min=0).minimum(ni - 1)
     mat = torch.zeros(B, rows, cols, device=dev).scatter_add_(2, idx, taps)
     return torch.where(m == 0, area, mat) * (o < no)
 
 
 def _resize(img, n_in, n_out, rs, mode, out_hw):
-    """Per-sample resize of each valid (n_in) region to n_out (all (B,2)), onto an out_hw canvas."""
+    """Per-sample resize of the valid (n_in) regions to n_out (both (B,2)) on an out_hw canvas."""
     B, C, H, W = img.shape
-    rh = _resize_matrix(n_in[:, 0], n_out[:, 0], rs[:, 0], mode, out_hw[0], H)
-    rw = _resize_matrix(n_in[:, 1], n_out[:, 1], rs[:, 1], mode, out_hw[1], W)
+    rh, rw = (_resize_matrix(n_in[:, i], n_out[:, i], rs[:, i], mode, out_hw[i], (H, W)[i]) for i in (0, 1))
     return torch.matmul(rh[:, None], torch.bmm(img.flatten(1, 2), rw.transpose(1, 2)).view(B, C, H, -1))
 
 
@@ -231,42 +197,43 @@ _LUMA = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale, as basicsr's gra
 
 
 def poisson_noise(img, scale, gray, generator=None, sizes=None):
-    """Noise to add: (Poisson(x*v)/v - x)*scale with x the image rounded to 8 bits and v the count of its
+    """Noise to add: (Poisson(x*v)/v - x)*scale with x the image rounded to 8 bits and v its number of
     distinct levels rounded up to a power of 2, per sample (gray: of the luma, one field). Samples with
     scale 0 (and a gray sample's 2nd/3rd channel) get rate 0, which costs torch.poisson almost nothing."""
     B, C, H, W = img.shape
     dev, gv, sv = img.device, gray.view(-1, 1, 1, 1), scale.float().view(-1, 1, 1, 1)
-    luma = torch.einsum('bchw,c->bhw', img, img.new_tensor(_LUMA))[:, None]
-    lev = (torch.where(gv, luma, img) * 255).round_().clamp_(0, 255)
-    # distinct levels: mark bins 1..256 of each sample (bin 0 collects the pixels outside the valid region)
-    idx = (lev + 1).mul_(1 if sizes is None else _valid(sizes, H, W)).long()
-    idx += 257 * torch.arange(B, device=dev).view(-1, 1, 1, 1)
-    seen = torch.zeros(B * 257, device=dev).index_put_((idx.flatten(),), torch.ones((), device=dev))
-    v = 2 ** torch.ceil(torch.log2(seen.view(B, 257)[:, 1:].sum(1).clamp_min(1))).view(-1, 1, 1, 1)
+    luma = img[:, :1] * _LUMA[0] + img[:, 1:2] * _LUMA[1] + img[:, 2:] * _LUMA[2]
+    lev = torch.where(gv, luma, img).mul_(255).round_().clamp_(0, 255)
+    # distinct levels: one histogram, bins offset by 256 per sample; level 0 also counts the zeros
+    # outside the valid region, so it is present only if seen more often than those
+    off = 256 * torch.arange(B, device=dev).view(-1, 1, 1, 1) + 0.5
+    hist = torch.histc(lev + off, bins=256 * B, min=0, max=256 * B).view(B, 256)
+    outside = 0 if sizes is None else C * (H * W - sizes.prod(1))
+    count = (hist[:, 1:] > 0).sum(1) + (hist[:, 0] > outside)
+    v = 2 ** torch.ceil(torch.log2(count.clamp_min(1).float())).view(-1, 1, 1, 1)
     keep = (sv > 0) & ~(gv & (torch.arange(C, device=dev) > 0).view(1, -1, 1, 1))
-    noise = torch.poisson(lev * (v / 255 * keep), generator=generator).mul_(sv / v).sub_(lev * (sv / 255))
+    noise = torch.poisson(lev * (v / 255 * keep), generator=generator).mul_(sv / v).sub_(lev.mul_(sv / 255))
     return torch.where(gv, noise[:, :1], noise)
 
 
-# ---- JPEG round trip (basicsr DiffJPEG, differentiable=False)
-_Y_TABLE = torch.tensor([[16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
-                         [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
-                         [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
-                         [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]]).float().T
-_C_TABLE = torch.full((8, 8), 99.0)
-_C_TABLE[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99.0]])
+# ---- JPEG round trip (basicsr DiffJPEG, differentiable=False: its tables, colour maps, true rounding)
+_Y_TABLE = torch.tensor([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69,
+                         56, 14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104,
+                         113, 92, 49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99.0]).view(8, 8).T
+_C_TABLE = F.pad(torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99.0]]), (0, 4, 0, 4),
+                 value=99.0)
 _RGB2YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 _YCC2RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
-_d = torch.tensor([[(0.5 ** 0.5 if u == 0 else 1.0) * 0.5 * math.cos((2 * x + 1) * u * math.pi / 16)
-                    for x in range(8)] for u in range(8)], dtype=torch.float64)
-_DCT = torch.kron(_d, _d).float()  # (64,64): row-major block -> row-major D X D^T coefficients (orthonormal)
+_d = torch.tensor([[math.cos((2 * x + 1) * u * math.pi / 16) * (0.5 ** 0.5 if u == 0 else 1) / 2 for x in range(8)]
+                   for u in range(8)], dtype=torch.float64)
+_DCT = torch.kron(_d, _d).float()  # (64,64) orthonormal: row-major 8x8 block -> row-major D X D^T
 
 
 def _dct_round_trip(x, table, factor):
     """(B,c,h,w), h and w multiples of 8: blockwise DCT, quantise with table*factor (B,), back."""
     B, c, h, w = x.shape
     dct = _DCT.to(x.device)
-    # clamp: quality 100 gives factor 0, a zero table (basicsr divides by it); libjpeg also keeps steps >= 1
+    # clamp: quality 100 gives factor 0, a zero table (DiffJPEG divides by it); libjpeg keeps steps >= 1
     q = (table.to(x.device).flatten() * factor.view(-1, 1, 1)).clamp_min(1)
     coef = (x - 128).view(B, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(B, -1, 64) @ dct.T
     blocks = (torch.round(coef / q).mul_(q) @ dct).add_(128)
@@ -275,121 +242,108 @@ def _dct_round_trip(x, table, factor):
 
 def jpeg(img, quality):
     """JPEG encode/decode of (B,3,H,W) in [0,1] at per-sample quality (B,) (or one number): YCbCr, 4:2:0
-    chroma by 2x2 means, 8x8 DCT, standard tables scaled as in libjpeg/DiffJPEG, true rounding, zero
-    padding to multiples of 16, clamp."""
+    chroma by 2x2 means, 8x8 DCT, standard tables scaled as libjpeg does, true rounding, zero padding to
+    multiples of 16, clamp. The colour maps are affine, so chroma is made and put back at half size."""
     B, _, H, W = img.shape
     q = torch.as_tensor(quality, dtype=torch.float32, device=img.device).expand(B)
     factor = torch.where(q < 50, 5000 / q, 200 - q * 2) / 100
-    shift = img.new_tensor([0.0, 128.0, 128.0]).view(1, 3, 1, 1)
-    x = F.pad(img, (0, -W % 16, 0, -H % 16)) * 255
-    ycc = torch.einsum('bchw,jc->bjhw', x, _RGB2YCC.to(img.device)).add_(shift)
-    y = _dct_round_trip(ycc[:, :1], _Y_TABLE, factor)
-    c = F.interpolate(_dct_round_trip(F.avg_pool2d(ycc[:, 1:], 2), _C_TABLE, factor), scale_factor=2.0)
-    rgb = torch.einsum('bchw,jc->bjhw', torch.cat([y, c], 1).sub_(shift), _YCC2RGB.to(img.device))
-    return rgb[..., :H, :W].clamp(0, 255) / 255
+    x = F.pad(img, (0, -W % 16, 0, -H % 16)) if H % 16 or W % 16 else img
+    m, minv = _RGB2YCC.to(img.device) * 255, _YCC2RGB.to(img.device)
+    y = _dct_round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], _Y_TABLE, factor)
+    c = _dct_round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, _C_TABLE, factor)
+    rgb = F.interpolate(torch.einsum('bchw,jc->bjhw', c - 128, minv[:, 1:]), scale_factor=2.0).add_(y)
+    return rgb[..., :H, :W].clamp_(0, 255).mul_(1 / 255)
 
 
 # ---- the pipeline (Real-ESRGAN feed_data, every choice per sample)
 def draw_params(n, device='cpu', generator=None, **overrides):
-    """Every random choice of degrade() for n samples, as (n,) tensors on device (kernels are made
-    from them in degrade). kind: 0..5 as kernel_prob, 6 sinc; updown: 0 up, 1 down, 2 keep;
-    mode: 0 area, 1 bilinear, 2 bicubic; scale1 is the scale factor, scale2 relative to the final size."""
+    """Every random choice of degrade() for n samples as (n,) tensors (degrade adds the kernels).
+    kind: 0..5 as kernel_prob, 6 sinc; updown: 0 up, 1 down, 2 keep; mode: 0 area, 1 bilinear, 2 bicubic;
+    scale1 is a scale factor, scale2 relative to the final size; resize_first3: [resize + sinc] first."""
     o, dev = _options(overrides), torch.device(device)
     rand = lambda: torch.rand(n, generator=generator, device=dev, dtype=_real(dev))
     uniform = lambda lo, hi: lo + (hi - lo) * rand()
+    ksize = lambda: 7 + 2 * torch.randint(0, (KSIZE - 5) // 2, (n,), generator=generator, device=dev)
 
     def pick(probs):  # index i with probability probs[i]
         c = torch.tensor(probs, dtype=_real(dev), device=dev).cumsum(0)
         return (rand()[:, None] * c[-1] >= c[:-1]).sum(1)
-
-    def ksize():  # odd 7..KSIZE
-        return 7 + 2 * torch.randint(0, (KSIZE - 5) // 2, (n,), generator=generator, device=dev)
-
     p = {}
     for s, x in (('1', ''), ('2', '2')):
         kind = torch.where(rand() < o['sinc_prob' + x], 6, pick(o['kernel_prob' + x]))
-        size, iso, half, u = ksize(), kind % 2 == 0, rand() < 0.5, rand()
+        size, iso, below, u = ksize(), kind % 2 == 0, rand() < 0.5, rand()
         sx, sy, theta = uniform(*o['blur_sigma' + x]), uniform(*o['blur_sigma' + x]), uniform(-math.pi, math.pi)
         (g0, g1), (p0, p1) = o['betag_range' + x], o['betap_range' + x]
         lo, hi = torch.where(kind < 4, g0, p0), torch.where(kind < 4, g1, p1)
-        w0 = torch.where(size < 13, math.pi / 3, math.pi / 5)  # basicsr: wider sinc range for large kernels
-        p.update({f'kind{s}': kind, f'ksize{s}': size, f'sigma_x{s}': sx, f'sigma_y{s}': torch.where(iso, sx, sy),
-                  f'theta{s}': torch.where(iso, 0.0, theta), f'omega{s}': w0 + (math.pi - w0) * rand(),
-                  f'beta{s}': torch.where(half, lo + (1 - lo) * u, 1 + (hi - 1) * u)})  # basicsr: half below 1
+        w0 = torch.where(size < 13, math.pi / 3, math.pi / 5)
+        p.update({'kind' + s: kind, 'ksize' + s: size, 'sigma_x' + s: sx, 'sigma_y' + s: torch.where(iso, sx, sy),
+                  'theta' + s: torch.where(iso, 0.0, theta), 'omega' + s: w0 + (math.pi - w0) * rand(),
+                  'beta' + s: torch.where(below, lo + (1 - lo) * u, 1 + (hi - 1) * u)})  # basicsr: half below 1
         updown, (lo, hi), u = pick(o['resize_prob' + x]), o['resize_range' + x], rand()
-        p[f'updown{s}'], p[f'mode{s}'] = updown, pick([1, 1, 1])
-        p[f'scale{s}'] = torch.where(updown == 0, 1 + (hi - 1) * u, torch.where(updown == 1, lo + (1 - lo) * u, 1.0))
-        p[f'gaussian{s}'], p[f'gray{s}'] = rand() < o['gaussian_noise_prob' + x], rand() < o['gray_noise_prob' + x]
-        p[f'sigma{s}'], p[f'poisson{s}'] = uniform(*o['noise_range' + x]), uniform(*o['poisson_scale_range' + x])
-        p[f'jpeg{s}'] = uniform(*o['jpeg_range' + x])
+        p.update({'updown' + s: updown, 'mode' + s: pick([1, 1, 1]), 'scale' + s: torch.where(
+            updown == 0, 1 + (hi - 1) * u, torch.where(updown == 1, lo + (1 - lo) * u, 1.0))})
+        p['gaussian' + s], p['gray' + s] = rand() < o['gaussian_noise_prob' + x], rand() < o['gray_noise_prob' + x]
+        p['sigma' + s], p['poisson' + s] = uniform(*o['noise_range' + x]), uniform(*o['poisson_scale_range' + x])
+        p['jpeg' + s] = uniform(*o['jpeg_range' + x])
     p['blur2'], p['sinc3'], p['ksize3'] = rand() < o['second_blur_prob'], rand() < o['final_sinc_prob'], ksize()
     p['omega3'], p['resize_first3'], p['mode3'] = uniform(math.pi / 3, math.pi), rand() < 0.5, pick([1, 1, 1])
     return p
 
 
-def _kernels(p):
-    """The three per-sample (B,21,21) kernels of the drawn parameters."""
-    for s, on in (('1', None), ('2', p['blur2'])):
-        on = torch.ones_like(p['blur2']) if on is None else on
-        p[f'kernel{s}'] = _stage_kernel(*(p[f'{k}{s}'] for k in ('kind', 'ksize', 'sigma_x', 'sigma_y', 'theta',
-                                                                 'beta', 'omega')), on)
-    one = torch.ones_like(p['omega3'])
-    p['kernel3'] = _stage_kernel(torch.full_like(p['ksize3'], 6), p['ksize3'], one, one, 0 * one, one,
-                                 p['omega3'], p['sinc3'])
-
-
-def _add_noise(x, sizes, p, s, generator):
-    gauss, gray = p['gaussian' + s], p['gray' + s]
-    n = gaussian_noise(x, torch.where(gauss, p['sigma' + s], 0.0), gray, generator)
-    n += poisson_noise(x, torch.where(gauss, 0.0, p['poisson' + s]), gray, generator, sizes)
-    return (x + n).clamp_(0, 1).mul_(_valid(sizes, *x.shape[2:]))
-
-
 def _degrade(gt, p, o, generator, tick=lambda stage: None):
     B, _, H, W = gt.shape
-    full = torch.tensor([H, W], device=gt.device).expand(B, 2)
-    _kernels(p)
+    full, one = torch.tensor([H, W], device=gt.device).expand(B, 2), torch.ones_like(p['omega3'])
+    names, delta = ('sigma_x', 'sigma_y', 'theta', 'beta', 'omega'), F.pad(one[:1, None, None], (KSIZE // 2,) * 4)
+
+    def kernel(family, args, size, on):  # (B,21,21); a delta (identity) where `on` is False
+        return torch.where(on.view(-1, 1, 1), _kernel(KSIZE, family, *args, cut=size), delta).float()
+    p['kernel1'] = kernel(p['kind1'] // 2, [p[k + '1'] for k in names], p['ksize1'], one > 0)
+    p['kernel2'] = kernel(p['kind2'] // 2, [p[k + '2'] for k in names], p['ksize2'], p['blur2'])
+    p['kernel3'] = kernel(3, [one, one, one, one, p['omega3']], p['ksize3'], p['sinc3'])
+
+    def noise(x, sizes, s):  # Gaussian or Poisson per sample, clamp, keep the canvas zero outside
+        gauss, gray = p['gaussian' + s], p['gray' + s]
+        n = poisson_noise(x, torch.where(gauss, 0.0, p['poisson' + s]), gray, generator, sizes)
+        n += gaussian_noise(x, torch.where(gauss, p['sigma' + s], 0.0), gray, generator)
+        return n.add_(x).clamp_(0, 1).mul_(_valid(sizes, *x.shape[2:]))
     tick('kernels')
     gt_usm = usm_sharp(gt)
     tick('usm')
-    # first degradation: blur, resize (scale_factor), noise, JPEG; canvas fits the largest drawable size
-    x = filter2d(gt_usm, p['kernel1'].float())
+    # first degradation: blur, resize by scale_factor, noise, JPEG
+    x = filter2d(gt_usm, p['kernel1'])
     tick('blur1')
-    s1 = p['scale1'].view(-1, 1)
-    n1 = (full * s1).floor().long()
+    n1 = (full * p['scale1'].view(-1, 1)).floor().long()
     c1 = n1.amax(0).tolist() if gt.device.type == 'cpu' else [int(d * max(o['resize_range'][1], 1)) for d in (H, W)]
-    c1 = [-(-c // 16) * 16 for c in c1]  # a fixed canvas on accelerators; on the CPU (no sync cost) a tight one
-    x = _resize(x, full, n1, (1 / s1).float().expand(B, 2), p['mode1'], c1)
+    c1 = [-(-c // 16) * 16 for c in c1]
+    x = _resize(x, full, n1, (1 / p['scale1'].view(-1, 1)).float().expand(B, 2), p['mode1'], c1)
     tick('resize1')
-    x = _add_noise(x, n1, p, '1', generator)
+    x = noise(x, n1, '1')
     tick('noise1')
     x = jpeg(x, p['jpeg1']) * _valid(n1, *c1)
     tick('jpeg1')
     # second degradation: blur (or not), resize relative to the final size, noise
-    x = filter2d(x, p['kernel2'].float(), n1)
+    x = filter2d(x, p['kernel2'], n1)
     tick('blur2')
     n2 = (full / o['scale'] * p['scale2'].view(-1, 1)).floor().long()
     c2 = [-(-int(d / o['scale'] * max(o['resize_range2'][1], 1)) // 16) * 16 for d in (H, W)]
     x = _resize(x, n1, n2, n1.float() / n2, p['mode2'], c2)
     tick('resize2')
-    x = _add_noise(x, n2, p, '2', generator)
+    x = noise(x, n2, '2')
     tick('noise2')
-    # final: [resize + sinc] then JPEG, or JPEG then [resize + sinc], per sample; round to 8 bits
+    # final: [resize back + sinc] then JPEG, or JPEG then [resize back + sinc]; round to 8 bits
     first = p['resize_first3'].view(-1, 1, 1, 1)
     x = torch.where(first, x, jpeg(x, p['jpeg2']) * _valid(n2, *c2))
     n3 = full // o['scale']
-    x = _resize(x, n2, n3, n2.float() / n3, p['mode3'], (H // o['scale'], W // o['scale']))
-    x = filter2d(x, p['kernel3'].float())
+    x = filter2d(_resize(x, n2, n3, n2.float() / n3, p['mode3'], (H // o['scale'], W // o['scale'])), p['kernel3'])
     x = torch.where(first, jpeg(x.clamp(0, 1), p['jpeg2']), x)
-    lq = (x * 255).round().clamp(0, 255) / 255
     tick('final')
-    return lq, gt_usm
+    return (x * 255).round().clamp(0, 255) / 255, gt_usm
 
 
 def degrade(gt, generator=None, return_params=False, **overrides):
-    """gt (B,3,H,W) in [0,1] -> (lq (B,3,H/scale,W/scale) on 8-bit levels, gt_usm), and the drawn
-    parameters when asked. Random choices come from generator (on gt's device) or the global RNG;
-    overrides: any option global above. Computed in float32 even under autocast."""
+    """gt (B,3,H,W) in [0,1] -> lq (B,3,H/scale,W/scale) on 8-bit levels and the USM-sharpened gt (+ the
+    drawn parameters and kernels). Choices come from generator (on gt's device) or the global RNG;
+    overrides: any option global above. Runs in float32 even under autocast."""
     o = _options(overrides)
     with torch.no_grad(), torch.autocast(gt.device.type, enabled=False):
         p = draw_params(gt.shape[0], gt.device, generator, **o)
@@ -397,70 +351,63 @@ def degrade(gt, generator=None, return_params=False, **overrides):
     return (lq, gt_usm, p) if return_params else (lq, gt_usm)
 
 
-# ---- command line: make an LQ folder, or benchmark
-def _bench(dev, batch_size, seed):
+# ---- command line: degrade a folder, or benchmark
+def _bench(dev, batch_size, seed, o):
     gt_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'shared', 'data', 'faces', 'val', 'GT')
     paths = list_images(gt_dir)[:batch_size] if os.path.isdir(gt_dir) else []
     gt = torch.stack([read_image(q)[:3] for q in paths]) if len(paths) == batch_size else \
-        F.interpolate(torch.rand(batch_size, 3, 16, 16), size=(512, 512), mode='bicubic').clamp(0, 1)
-    gt, g = gt.to(dev), torch.Generator(dev).manual_seed(seed)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else lambda: None
+        F.interpolate(torch.rand(batch_size, 3, 32, 32), size=(512, 512), mode='bicubic').clamp(0, 1)
+    gt, g, stamps, times, rounds = gt.to(dev), torch.Generator(dev).manual_seed(seed), [], {}, 5
+    sync = getattr(torch, dev.type).synchronize if dev.type in ('cuda', 'mps') else lambda: None
     degrade(gt, g)  # warm-up
-    times, rounds = {}, 5
-    for _ in range(rounds):
-        sync()
-        last = [time.perf_counter()]
-
-        def tick(stage):
+    with torch.no_grad():
+        for _ in range(rounds):
             sync()
-            now = time.perf_counter()
-            times[stage] = times.get(stage, 0.0) + now - last[0]
-            last[0] = now
-        with torch.no_grad():
-            _degrade(gt, draw_params(batch_size, dev, g), _options({}), g, tick)
-    total = sum(times.values()) / rounds
-    print(f"degrade: {batch_size} x {tuple(gt.shape[1:])} ({'faces' if paths else 'synthetic'}) on {dev}: "
-          f"{batch_size / total:.1f} img/s ({total * 1000:.0f} ms per batch, mean of {rounds})")
-    print('  ' + ', '.join(f"{k} {v / rounds * 1000:.0f} ms" for k, v in times.items()))
+            stamps.append(('start', time.perf_counter()))
+            _degrade(gt, draw_params(batch_size, dev, g, **o), o, g, lambda s: (sync(), stamps.append((s, time.perf_counter()))))
+    for (_, t0), (stage, t1) in zip(stamps, stamps[1:]):
+        times[stage] = times.get(stage, 0) + (t1 - t0) / rounds * (stage != 'start')
+    total = sum(times.values())
+    print(f"degrade: {batch_size} x 3x512x512 {'val faces' if paths else 'synthetic images'} on {dev} "
+          f"({torch.get_num_threads()} threads): {batch_size / total:.1f} img/s, {total * 1000:.0f} ms per batch")
+    print('  ms per batch: ' + ', '.join(f"{k} {v * 1000:.0f}" for k, v in times.items() if k != 'start'))
 
 
 def main(argv=None):
-    cfg = dict(__doc__=__doc__, seed=0, device='', batch_size=8, bench=False)
+    argv = ['--bench=True' if a == '--bench' else a for a in (sys.argv[1:] if argv is None else argv)]
+    cfg = {'__doc__': __doc__, 'seed': 0, 'device': '', 'batch_size': 8, 'threads': 0, 'bench': False,
+           **{k: globals()[k] for k in _OPTIONS}}
     args, cfg = configure(cfg, argv)
     print('config:', cfg)
-    dev = pick_device(cfg['device'])
+    dev, opts = pick_device(cfg['device']), {k: cfg[k] for k in _OPTIONS}
+    torch.set_num_threads(cfg['threads'] or torch.get_num_threads())
     if cfg['bench']:
-        return _bench(dev, cfg['batch_size'], cfg['seed'])
+        return _bench(dev, cfg['batch_size'], cfg['seed'], opts)
     if len(args) != 2:
         raise SystemExit("usage: python degrade.py GT_DIR LQ_DIR [--seed=0] [--device=cpu] (or --bench)")
-    gt_dir, lq_dir = args
-    if os.path.realpath(gt_dir) == os.path.realpath(lq_dir):
-        raise SystemExit(f"error: LQ_DIR {lq_dir} is GT_DIR: refusing to write next to the ground truth")
-    paths = list_images(gt_dir)
-    os.makedirs(lq_dir, exist_ok=True)
-    g, size, skipped, done = torch.Generator(dev).manual_seed(cfg['seed']), 512, 0, 0
+    if os.path.realpath(args[0]) == os.path.realpath(args[1]):
+        raise SystemExit(f"error: LQ_DIR {args[1]} is GT_DIR: refusing to write into the ground truth folder")
+    paths, g, done, skipped = list_images(args[0]), torch.Generator(dev).manual_seed(cfg['seed']), 0, 0
+    os.makedirs(args[1], exist_ok=True)
     for i in range(0, len(paths), cfg['batch_size']):
-        batch, names = [], []
-        for q in paths[i:i + cfg['batch_size']]:
+        batch = {}
+        for path in paths[i:i + cfg['batch_size']]:
             try:
-                img = read_image(q)
-                if img.shape[1:] != (size, size):
-                    raise ValueError(f"{q}: expected a {size}x{size} image, got {img.shape[2]}x{img.shape[1]}")
+                img = read_image(path)
+                if img.shape[1:] != (512, 512):
+                    raise ValueError(f"{path}: expected a 512x512 image, got {img.shape[2]}x{img.shape[1]}")
+                batch[os.path.splitext(os.path.basename(path))[0] + '.png'] = img[:3]
             except ValueError as e:
-                print(f"\nskipped: {e}", flush=True)
+                print(f"\nskipped {e}", flush=True)
                 skipped += 1
-                continue
-            batch.append(img[:3])
-            names.append(os.path.splitext(os.path.basename(q))[0] + '.png')
         if batch:
-            lq, _ = degrade(torch.stack(batch).to(dev), g)
-            for name, im in zip(names, lq):
-                write_image(os.path.join(lq_dir, name), im)
+            for name, lq in zip(batch, degrade(torch.stack(list(batch.values())).to(dev), g, **opts)[0]):
+                write_image(os.path.join(args[1], name), lq)
         done += len(batch)
-        print(f"\r{done}/{len(paths)} written to {lq_dir}", end='', flush=True)
+        print(f"\r{done}/{len(paths)} written to {args[1]}", end='', flush=True)
     print()
     if skipped:
-        raise SystemExit(f"error: {skipped} of {len(paths)} image(s) skipped (see above)")
+        raise SystemExit(f"error: {skipped} of {len(paths)} images skipped (named above)")
 
 
 # ==== shared by the scripts: image I/O, metrics, config ====

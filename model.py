@@ -18,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ==== SwinIR ====
-MODE = 'mixed'
 
 
 @dataclass
@@ -40,15 +39,20 @@ class WindowPlan:
     """Token orders and the shift mask for one padded input size, built once and cached.
     Order s (0 or the shift) lists the tokens window by window of the image rolled by -s, as the
     official cyclic shift does; `index(a, b)` re-orders a (B, L, C) stream from order a to b
-    (None = row-major image order) in one gather."""
+    (None = row-major image order) in one gather. In the shifted order the n_inner windows whose
+    mask is all zero come first, so that inference can skip the mask there."""
 
     def __init__(self, H, W, ws, shift, device):
-        h = torch.arange(H, device=device).view(H // ws, 1, ws, 1)
-        w = torch.arange(W, device=device).view(1, W // ws, 1, ws)
+        nh, nw = H // ws, W // ws
+        h = torch.arange(H, device=device).view(nh, 1, ws, 1)
+        w = torch.arange(W, device=device).view(1, nw, 1, ws)
+        border = (torch.arange(nh, device=device)[:, None] == nh - 1) | (torch.arange(nw, device=device) == nw - 1)
+        windows = torch.argsort(border.view(-1).long(), stable=True)  # only the last row/column of windows mixes regions
+        self.n_inner = (nh - 1) * (nw - 1)
         self.perm, inv = {}, {}
         for s in {0, shift}:
-            src = ((h + s) % H) * W + (w + s) % W  # (nWh, nWw, ws, ws) image index of each token
-            self.perm[s] = src.reshape(-1)
+            src = (((h + s) % H) * W + (w + s) % W).view(nh * nw, ws * ws)  # image index of each token
+            self.perm[s] = (src[windows] if s else src).reshape(-1)
             inv[s] = torch.argsort(self.perm[s])
         orders = [None, 0, shift]
         self.idx = {(a, b): (self.perm[b] if a is None else inv[a] if b is None else inv[a][self.perm[b]])
@@ -57,7 +61,7 @@ class WindowPlan:
         if shift:  # official SW-MSA mask: -100 between tokens from different regions of the rolled image
             def region(x, n):
                 return (x >= n - ws).long() + (x >= n - shift).long()
-            lab = (region(h, H) * 3 + region(w, W)).expand(H // ws, W // ws, ws, ws).reshape(-1, ws * ws)
+            lab = (region(h, H) * 3 + region(w, W)).expand(nh, nw, ws, ws).reshape(nh * nw, ws * ws)[windows]
             self.mask = ((lab[:, :, None] != lab[:, None, :]).float() * -100.0).unsqueeze(1)  # (nW, 1, N, N)
 
     def index(self, a, b):
@@ -73,34 +77,43 @@ class WindowAttention(nn.Module):
         c = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij')).flatten(1)
         d = c[:, :, None] - c[:, None, :] + window_size - 1  # (2, N, N) relative offsets, shifted to >= 0
         self.register_buffer('relative_position_index', d[0] * (2 * window_size - 1) + d[1], persistent=False)
+        # q's scale folded into the qkv weights: one tiny op per call instead of a pass over q
+        scale = torch.ones(3 * dim)
+        scale[:dim] = (dim // num_heads) ** -0.5
+        self.register_buffer('qkv_scale', scale, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
-        Bw, N, C = x.shape  # (B*nW, N, C)
-        q, k, v = self.qkv(x).view(Bw, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (nH, N, N)
-        if mask is not None:
-            bias = bias + mask  # (nW, nH, N, N)
-        if MODE == 'sdpa' or (MODE == 'mixed' and not torch.is_grad_enabled()):
-            if mask is not None and Bw != mask.shape[0]:
-                bias = bias.expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, -1, N, N)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B*nW, nH, N, hd)
-        else:
-            a = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
-            a = (a.view(-1, *bias.shape[-3:]) if mask is None else a.view(-1, *bias.shape)).add_(bias)
-            x = torch.matmul(a.view(Bw, -1, N, N).softmax(-1), v)
-        return self.proj(x.transpose(1, 2).reshape(Bw, N, C))
+    def forward(self, x, mask=None, n_inner=0):
+        """x (B*nW, N, C): whole windows -> attention output before `proj`, same shape. mask: the
+        plan's (nW, 1, N, N) shift mask, zero on its first n_inner windows."""
+        Bw, N, C = x.shape
+        nH = self.num_heads
+        qkv = F.linear(x, self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale)
+        bias = self.relative_position_bias_table.t()[None, :, self.relative_position_index]  # (1, nH, N, N)
+        if torch.is_grad_enabled() and x.device.type == 'cpu':  # SDPA would take its slow math path here
+            q, k, v = qkv.view(Bw, N, 3, nH, -1).permute(2, 0, 3, 1, 4).reshape(3, Bw * nH, N, -1)
+            if mask is not None:
+                bias = bias + mask  # (nW, nH, N, N)
+            a = torch.bmm(q, k.transpose(1, 2)).view(-1, *bias.shape).add_(bias)  # (B, nW or 1, nH, N, N)
+            return torch.bmm(a.view(-1, N, N).softmax(-1), v).view(Bw, nH, N, -1).transpose(1, 2).reshape(Bw, N, C)
+        q, k, v = qkv.view(Bw, N, 3, nH, -1).permute(2, 0, 3, 1, 4)  # (B*nW, nH, N, hd) views
+        if mask is None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        elif Bw == mask.shape[0]:  # one image: no mask on the inner windows
+            i = n_inner
+            return torch.cat([F.scaled_dot_product_attention(q[:i], k[:i], v[:i], attn_mask=bias, scale=1.0).transpose(1, 2),
+                              F.scaled_dot_product_attention(q[i:], k[i:], v[i:], attn_mask=bias + mask[i:], scale=1.0)
+                              .transpose(1, 2)]).view(Bw, N, C)
+        else:  # the mask's last stride must be 1, else SDPA takes its slow math path
+            bias = (bias + mask).expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, nH, N, N)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        return x.transpose(1, 2).reshape(Bw, N, C)
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+def _skip_linear(x, a, lin):
+    """x + lin(a) on (T, C) rows: bias and skip summed first, then the GEMM accumulates in place."""
+    return (x + lin.bias).addmm_(a, lin.weight.t())
 
 
 class SwinTransformerBlock(nn.Module):
@@ -110,13 +123,15 @@ class SwinTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window_size, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = nn.Module()  # official names: mlp.fc1, mlp.fc2
+        self.mlp.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.mlp.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
-    def forward(self, x, mask):  # x (B, L, C), tokens in this block's window order
+    def forward(self, x, mask, n_inner):  # x (B, L, C), tokens in this block's window order
         B, L, C = x.shape
-        N = self.window_size ** 2
-        x = x + self.attn(self.norm1(x).view(B * L // N, N, C), mask).view(B, L, C)
-        return x + self.mlp(self.norm2(x))
+        a = self.attn(self.norm1(x).view(-1, self.window_size ** 2, C), mask, n_inner)
+        x = _skip_linear(x.view(-1, C), a.view(-1, C), self.attn.proj)
+        return _skip_linear(x, F.gelu(self.mlp.fc1(self.norm2(x))), self.mlp.fc2).view(B, L, C)
 
 
 def _resi_conv(dim, kind):
@@ -146,7 +161,7 @@ class RSTB(nn.Module):
         y, order = x.reshape(B, H * W, C), None
         for blk in self.residual_group.blocks:
             y, order = y.index_select(1, plan.index(order, blk.shift)), blk.shift
-            y = blk(y, plan.mask if blk.shift else None)
+            y = blk(y, plan.mask if blk.shift else None, plan.n_inner)
         y = y.index_select(1, plan.index(order, None)).view(B, H, W, C)
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 

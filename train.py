@@ -20,10 +20,13 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -87,6 +90,7 @@ def check_settings():
              (dtype in ('float32', 'bfloat16'), f"--dtype={dtype}: expected 'float32' or 'bfloat16'"),
              (gt_size % 4 == 0 and 0 < 4 * patch_size <= gt_size,
               f"--patch_size={patch_size}: its 4x GT crop must fit in --gt_size={gt_size} (a multiple of 4)"),
+             (mode == 'psnr' or patch_size % 2 == 0, f"--patch_size={patch_size}: the discriminator needs an even one"),
              (0 < batch_size <= pool_size, f"--pool_size={pool_size}: must hold at least --batch_size={batch_size}"),
              (len(layer_weights) == 5, f"--layer_weights: expected 5 weights, got {len(layer_weights)}"),
              (min(refill_every, eval_interval, log_interval) > 0 and max_iters >= 0,
@@ -193,25 +197,23 @@ class Pool:
         return lq.float() / 255, usm.float() / 255, gt
 
 
-def guarded_step(opt, ok):
-    """opt.step(), undone where the 0-dim bool tensor ok is False. Deciding on the device costs a copy
-    of the weights and Adam's moments per step; deciding on the host would stall every step on a sync.
+def guarded_step(opt, net):
+    """Clip net's gradient norm, then opt.step() undone on the device if the norm is not finite; -> ok.
+    The norm is taken after DDP's all-reduce, so every rank decides alike. Deciding on the device costs a
+    copy of the weights and Adam's moments; deciding on the host would stall every step on a sync.
     Adam's step counter (a CPU scalar) still ticks on a skipped step: it only sets the bias correction."""
-    params = [p for group in opt.param_groups for p in group['params']]
+    ok = torch.isfinite(torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip if grad_clip > 0 else math.inf))
+    params = list(net.parameters())
 
     def live():
         return {(i, k): t for i, p in enumerate(params) for k, t in [('w', p), *opt.state[p].items()] if k != 'step'}
     before = {k: t.detach().clone() for k, t in live().items()}
     opt.step()
+    opt.zero_grad(set_to_none=True)
     with torch.no_grad():
         for k, t in live().items():  # moments created by this very step roll back to zeros
             t.copy_(torch.where(ok, t, before[k] if k in before else torch.zeros_like(t)))
-
-
-def clipped_norm(module):
-    """Clip the gradient norm to grad_clip; the (unclipped) norm is also the finiteness test of the step:
-    it is computed after DDP's all-reduce, so every rank takes the same decision."""
-    return torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip > 0 else float('inf'))
+    return ok
 
 
 @torch.no_grad()
@@ -233,11 +235,12 @@ def bicubic(lq):
     return degrade.to_uint8(F.interpolate(lq[None].float() / 255, scale_factor=4, mode='bicubic')[0])
 
 
-def save_atomic(obj, path):
+def save_atomic(path, write):
+    """write(temporary path), then rename it to path: a crash never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
     os.close(fd)
     try:
-        obj.save(tmp, format='PNG') if isinstance(obj, Image.Image) else torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -245,25 +248,24 @@ def save_atomic(obj, path):
 
 
 def plot(draw, box, points, title, log_y=False, ref=None):
-    """One panel: a polyline of (x, y) points in box, min/max labels, an optional dashed reference y."""
+    """One panel: (x, y) points as a polyline in box, min/max labels, an optional dashed line at y=ref."""
     left, top, right, bottom = box
     draw.rectangle(box, outline='black')
     draw.text((left, top - 16), title, fill='black')
-    ys = [math.log10(y) if log_y else y for _, y in points]
     if not points:
         return
-    lo, hi = min(ys + ([ref] if ref else [])), max(ys + ([ref] if ref else []))
-    lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo, hi)
-    x0, x1 = points[0][0], max(points[-1][0], points[0][0] + 1)
-    fx = lambda x: left + (x - x0) / (x1 - x0) * (right - left)  # noqa: E731
-    fy = lambda y: bottom - (y - lo) / (hi - lo) * (bottom - top)  # noqa: E731
-    if ref is not None:
-        for a in range(left, right, 12):
-            draw.line([(a, fy(ref)), (min(a + 6, right), fy(ref))], fill='gray')
-    xy = [(fx(x), fy(y)) for (x, _), y in zip(points, ys)]
-    draw.line(xy, fill='blue', width=2) if len(xy) > 1 else draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill='blue')
+    ys = [math.log10(y) if log_y else y for _, y in points]
+    lo, hi = min(ys + [ref or ys[0]]), max(ys + [ref or ys[0]])
+    hi, x0, x1 = max(hi, lo + 1e-6), points[0][0], max(points[-1][0], points[0][0] + 1)
+
+    def at(x, y):
+        return left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top)
+    for a in range(left, right, 12) if ref else []:
+        draw.line([(a, at(x0, ref)[1]), (a + 6, at(x0, ref)[1])], fill='gray')
+    xy = [at(x, y) for (x, _), y in zip(points, ys)]
+    draw.line(xy if len(xy) > 1 else [xy[0], (xy[0][0] + 3, xy[0][1])], fill='blue', width=2)
     for y in (lo, hi):
-        draw.text((left - 58, fy(y) - 6), f"{10 ** y:.3g}" if log_y else f"{y:.2f}", fill='black')
+        draw.text((left - 58, at(0, y)[1] - 6), f"{10 ** y:.3g}" if log_y else f"{y:.2f}", fill='black')
     draw.text((left, bottom + 4), str(x0), fill='black')
     draw.text((right - 60, bottom + 4), f"{x1} iter", fill='black')
 
@@ -271,30 +273,24 @@ def plot(draw, box, points, title, log_y=False, ref=None):
 def draw_curves(records, path):
     img = Image.new('RGB', (1000, 400), 'white')
     draw = ImageDraw.Draw(img)
-    loss = [(r['iter'], r['loss']) for r in records if 'loss' in r and 0 < r['loss'] < float('inf')]
-    val = [(r['iter'], r['val_psnr']) for r in records if 'val_psnr' in r]
+    loss = [(r['iter'], r['loss']) for r in records if 0 < r.get('loss', 0) < float('inf')]
     ref = next((r['bicubic_psnr'] for r in records if 'bicubic_psnr' in r), None)
     plot(draw, (70, 30, 480, 360), loss, f"training loss ({mode}, log scale)", log_y=True)
-    plot(draw, (570, 30, 980, 360), val, "validation PSNR, dB (EMA; dashed: bicubic)", ref=ref)
-    save_atomic(img, path)
+    plot(draw, (570, 30, 980, 360), [(r['iter'], r['val_psnr']) for r in records if 'val_psnr' in r],
+         "validation PSNR, dB (EMA; dashed: bicubic)", ref=ref)
+    save_atomic(path, lambda tmp: img.save(tmp, format='PNG'))
 
 
 def checksum(*modules):
-    """A short hash of the weights (the same on every DDP rank when they are in step)."""
+    """A short hash of the weights: equal on every DDP rank when the ranks are in step."""
     h = hashlib.sha256()
-    for m in modules:
-        for k, t in m.state_dict().items():
-            h.update(k.encode() + t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    for k, t in ((k, t) for m in modules for k, t in m.state_dict().items()):
+        h.update(k.encode() + t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def stream_seed(rank, restart, stream):
-    """Distinct, reproducible RNG seeds per rank and purpose (hash of an int tuple is not salted)."""
-    return hash((seed, rank, restart, stream)) & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def build_generator(ckpt):
-    """G from the resumed checkpoint, or from --init (whose own architecture wins over the flags), or new."""
+    """G from the resumed checkpoint, else from --init (its own architecture wins over the flags), else new."""
     flags = SwinIRConfig(**{k: globals()[k] for k in _MODEL_KEYS})
     if ckpt is not None:
         g = SwinIR(SwinIRConfig(**ckpt['model_args']))
@@ -313,213 +309,189 @@ def build_generator(ckpt):
 
 
 def setup():
-    """Settings, processes, device, data and networks; everything the loop needs, in a dict."""
+    """Settings, processes, data and networks: everything the loop needs, in a namespace."""
     _, config = degrade.configure(globals())
     check_settings()
-    ddp = 'RANK' in os.environ
-    dev = degrade.pick_device(device)
+    ddp, dev = 'RANK' in os.environ, degrade.pick_device(device)
     if ddp:
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
         if dev.type == 'cuda':
             dev = torch.device('cuda', int(os.environ['LOCAL_RANK']))
             torch.cuda.set_device(dev)
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    if resume and not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: --resume=True: {ckpt_path} not found")
-    if not resume and os.path.exists(ckpt_path):
-        raise SystemExit(f"error: {ckpt_path} exists: continue it with --resume=True, or pick another --out_dir")
-    faces = load_faces(data_dir)
-    pairs = load_val(val_dir) if val_dir and rank == 0 else []
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True) if resume else None
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if resume != os.path.isfile(path):  # never start over a run's checkpoint
+        raise SystemExit(f"error: --resume=True: {path} not found" if resume else
+                         f"error: {path} exists: continue it with --resume=True, or pick another --out_dir")
+    faces, pairs = load_faces(data_dir), load_val(val_dir) if val_dir and rank == 0 else []
+    ckpt = torch.load(path, map_location='cpu', weights_only=True) if resume else None
     if ckpt is not None and ckpt['config']['mode'] != mode:
-        raise SystemExit(f"error: --mode={mode}: {ckpt_path} is a {ckpt['config']['mode']} run")
+        raise SystemExit(f"error: --mode={mode}: {path} is a {ckpt['config']['mode']} run")
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
     g = build_generator(ckpt).to(dev)
     config.update({k: getattr(g.config, k) for k in _MODEL_KEYS})
     ema = copy.deepcopy(g).eval().requires_grad_(False)
-    if ckpt is not None:
-        ema.load_state_dict(ckpt['ema'])
-    d = vgg = None
-    if mode == 'gan':
-        d = UNetDiscriminatorSN(UNetConfig(**ckpt['disc_args']) if ckpt else UNetConfig(num_feat=disc_num_feat))
-        if ckpt is not None:
-            d.load_state_dict(ckpt['disc'])
-        d.to(dev).train()
-        if perceptual_weight:
-            try:
-                vgg = VGGFeatures(vgg_path).to(dev)
-            except (FileNotFoundError, ValueError) as e:
-                raise SystemExit(f"error: --vgg_path: {e}") from None
+    d = vgg = opt_d = None
     adam = dict(lr=learning_rate, betas=(beta1, beta2), eps=adam_eps, weight_decay=weight_decay)
     opt = torch.optim.Adam(g.parameters(), **adam)
-    opt_d = torch.optim.Adam(d.parameters(), **adam) if d else None
+    if mode == 'gan':
+        d = UNetDiscriminatorSN(UNetConfig(**ckpt['disc_args']) if ckpt else UNetConfig(num_feat=disc_num_feat))
+        opt_d = torch.optim.Adam(d.to(dev).parameters(), **adam)
+        try:
+            vgg = VGGFeatures(vgg_path).to(dev) if perceptual_weight else None
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --vgg_path: {e}") from None
     if ckpt is not None:
-        opt.load_state_dict(ckpt['optimizer'])
-        if opt_d:
-            opt_d.load_state_dict(ckpt['disc_optimizer'])
+        for module, key in ((ema, 'ema'), (d, 'disc'), (opt, 'optimizer'), (opt_d, 'disc_optimizer')):
+            if module is not None:
+                module.load_state_dict(ckpt[key])
     start = ckpt['iter'] if ckpt else 0
-    restart = start if rank else 0  # only rank 0's streams and pool are saved: others start afresh
-    torch.manual_seed(stream_seed(rank, restart, 0))
-    gen = torch.Generator().manual_seed(stream_seed(rank, restart, 1))  # picks, crops and flips
-    dgen = torch.Generator(dev).manual_seed(stream_seed(rank, restart, 2))  # the degradation's choices
-    own = ckpt['resume'] if ckpt is not None and rank == 0 else None
-    if own:
-        torch.set_rng_state(own['rng']['torch'])
-        gen.set_state(own['rng']['data'])
-        dgen.set_state(own['rng']['degrade'])
-        if dev.type == 'cuda' and own['rng']['cuda'] is not None:
-            torch.cuda.set_rng_state(own['rng']['cuda'], dev)
-    pool = Pool(faces, dev, gen, dgen, own['pool'] if own else None)
-    g_run, d_fwd = (torch.compile(g), torch.compile(d) if d else None) if compile else (g, d)
+    # every rank its own streams; only rank 0's (and its pool) are saved, so the others restart theirs
+    seeds = [hash((seed, rank, start if rank else 0, k)) & (2 ** 63 - 1) for k in range(3)]  # ints: not salted
+    torch.manual_seed(seeds[0])
+    gen = torch.Generator().manual_seed(seeds[1])  # pool picks, crops, flips
+    dgen = torch.Generator(dev).manual_seed(seeds[2])  # the degradation's random choices
+    saved = ckpt['resume'] if ckpt is not None and rank == 0 else None
+    if saved:
+        torch.set_rng_state(saved['rng']['torch'])
+        gen.set_state(saved['rng']['data'])
+        dgen.set_state(saved['rng']['degrade'])
+        if saved['rng']['cuda'] is not None and dev.type == 'cuda':
+            torch.cuda.set_rng_state(saved['rng']['cuda'], dev)
+    g_run, d_fwd = (torch.compile(g), d and torch.compile(d)) if compile else (g, d)
     d_run = d_fwd
-    if ddp:  # broadcast_buffers=False: D's spectral-norm vectors are updated by every rank in step
+    if ddp:  # broadcast_buffers=False: every rank updates D's spectral-norm vectors identically
         ids = [dev.index] if dev.type == 'cuda' else None
         g_run = DDP(g_run, device_ids=ids, broadcast_buffers=False)
-        d_run = DDP(d_fwd, device_ids=ids, broadcast_buffers=False) if d else None
+        d_run = d and DDP(d_fwd, device_ids=ids, broadcast_buffers=False)
     if dev.type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ctx = nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=torch.bfloat16)
-    return dict(config=config, rank=rank, world=world, dev=dev, ctx=ctx, faces=faces, pairs=pairs, g=g, ema=ema,
-                d=d, vgg=vgg, opt=opt, opt_d=opt_d, g_run=g_run, d_run=d_run, d_fwd=d_fwd, pool=pool, gen=gen,
-                dgen=dgen, start=start, best=ckpt['best_psnr'] if ckpt else -float('inf'))
+    return SimpleNamespace(
+        config=config, rank=rank, world=world, dev=dev, faces=faces, pairs=pairs, g=g, ema=ema, d=d, vgg=vgg,
+        opt=opt, opt_d=opt_d, g_run=g_run, d_run=d_run, d_fwd=d_fwd, gen=gen, dgen=dgen, start=start,
+        pool=Pool(faces, dev, gen, dgen, saved['pool'] if saved else None),
+        ctx=nullcontext() if dtype == 'float32' else torch.autocast(dev.type, dtype=torch.bfloat16),
+        best=ckpt['best_psnr'] if ckpt else -float('inf'))
 
 
 def train_step(s, lq, usm, gt):
-    """One G update (and one D update for the GAN) -> device tensor [G loss, its parts..., D loss, ok flags]."""
-    g, d, vgg, ctx = s['g'], s['d'], s['vgg'], s['ctx']
-    with ctx:
-        out = s['g_run'](lq)
+    """One G update (and one D update for the GAN) -> device tensor [G loss, its parts, (D loss), ok flags]."""
+    with s.ctx:
+        out = s.g_run(lq)
     if mode == 'psnr':
-        loss = F.mse_loss(out.float(), usm)
-        parts = [loss]
+        parts = [F.mse_loss(out.float(), usm)]
     else:
-        d.requires_grad_(False)  # G's adversarial term through the plain D: no D gradient, no DDP hooks
-        with ctx:
-            l_pix = pixel_weight * F.l1_loss(out.float(), usm)
-            l_per = torch.zeros((), device=lq.device)
-            if vgg is not None:
+        s.d.requires_grad_(False)  # G's adversarial term goes through the plain D: no D grads, no DDP hooks
+        with s.ctx:
+            parts = [pixel_weight * F.l1_loss(out.float(), usm), torch.zeros((), device=lq.device)]
+            if s.vgg is not None:
                 with torch.no_grad():
-                    target = vgg(usm)
-                l_per = perceptual_weight * sum(w * F.l1_loss(a.float(), b.float())
-                                                for w, a, b in zip(layer_weights, vgg(out), target))
-            fake = s['d_fwd'](out).float()
-            l_gan = gan_weight * F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
-        loss = l_pix + l_per + l_gan
-        parts = [l_pix, l_per, l_gan]
+                    target = s.vgg(usm)
+                parts[1] = perceptual_weight * sum(w * F.l1_loss(a.float(), b.float())
+                                                   for w, a, b in zip(layer_weights, s.vgg(out), target))
+            fake = s.d_fwd(out).float()
+            parts.append(gan_weight * F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake)))
+    loss = sum(parts)
     loss.backward()
-    ok = torch.isfinite(clipped_norm(g))
-    guarded_step(s['opt'], ok)
-    s['opt'].zero_grad(set_to_none=True)
-    with torch.no_grad():  # a skipped step left g unchanged, so the EMA only moves towards finite weights
-        torch._foreach_lerp_(list(s['ema'].parameters()), list(g.parameters()), 1 - ema_decay)
-    if mode == 'psnr':
-        return torch.stack([loss.detach(), *parts, ok.float()])
-    d.requires_grad_(True)
-    with ctx:  # real and fake in one forward: one all-reduce and one spectral-norm update per D step
-        real, fake = s['d_run'](torch.cat([gt, out.detach().float()])).float().chunk(2)
-        l_d = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
-               + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
-    l_d.backward()
-    ok_d = torch.isfinite(clipped_norm(d))
-    guarded_step(s['opt_d'], ok_d)
-    s['opt_d'].zero_grad(set_to_none=True)
-    return torch.stack([loss.detach(), *[t.detach() for t in parts], l_d.detach(), ok.float(), ok_d.float()])
+    oks = [guarded_step(s.opt, s.g)]
+    with torch.no_grad():  # a skipped step left G unchanged: the EMA only moves towards finite weights
+        torch._foreach_lerp_(list(s.ema.parameters()), list(s.g.parameters()), 1 - ema_decay)
+    if mode == 'gan':
+        s.d.requires_grad_(True)
+        with s.ctx:  # real and fake in one forward: one all-reduce and one spectral-norm update per D step
+            real, fake = s.d_run(torch.cat([gt, out.detach().float()])).float().chunk(2)
+            l_d = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                   + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+        l_d.backward()
+        parts.append(l_d)
+        oks.append(guarded_step(s.opt_d, s.d))
+    return torch.stack([loss, *parts, *oks]).detach().float()
 
 
 def evaluate_and_save(s, it, log):
-    """Validate the EMA, write grid.png, best.pt (when better), ckpt.pt (with the resume state), curves."""
+    """Validate the EMA; write grid.png, best.pt (when better), ckpt.pt (plus the resume state), log, curves."""
     record = {'iter': it}
-    if s['pairs']:
+    if s.pairs:
         t0 = time.time()
-        record['val_psnr'], grid = validate(s['ema'], s['pairs'], s['dev'], s['ctx'])
+        record['val_psnr'], grid = validate(s.ema, s.pairs, s.dev, s.ctx)
         degrade.write_image(os.path.join(out_dir, 'grid.png'), grid)
-        print(f"iter {it}: val PSNR {record['val_psnr']:.3f} dB (EMA, {len(s['pairs'])} faces, {time.time() - t0:.1f} s)")
-    dev, d = s['dev'], s['d']
-    ckpt = {'model': s['g'].state_dict(), 'ema': s['ema'].state_dict(), 'disc': d.state_dict() if d else None,
-            'optimizer': s['opt'].state_dict(), 'disc_optimizer': s['opt_d'].state_dict() if d else None,
-            'model_args': asdict(s['g'].config), 'disc_args': asdict(d.config) if d else None,
-            'iter': it, 'best_psnr': max(s['best'], record.get('val_psnr', -float('inf'))), 'config': s['config']}
-    if record.get('val_psnr', -float('inf')) > s['best']:
-        s['best'] = record['val_psnr']
-        save_atomic(ckpt, os.path.join(out_dir, 'best.pt'))
-    rng = {'torch': torch.get_rng_state(), 'data': s['gen'].get_state(), 'degrade': s['dgen'].get_state(),
-           'cuda': torch.cuda.get_rng_state(dev) if dev.type == 'cuda' else None}
-    save_atomic({**ckpt, 'resume': {'rng': rng, 'pool': s['pool'].state_dict()}}, os.path.join(out_dir, 'ckpt.pt'))
+        print(f"iter {it}: val PSNR {record['val_psnr']:.3f} dB (EMA, {len(s.pairs)} faces, {time.time() - t0:.1f} s)")
+    better = record.get('val_psnr', -float('inf')) > s.best
+    s.best = max(s.best, record.get('val_psnr', -float('inf')))
+    ckpt = {'model': s.g.state_dict(), 'ema': s.ema.state_dict(), 'disc': s.d and s.d.state_dict(),
+            'optimizer': s.opt.state_dict(), 'disc_optimizer': s.opt_d and s.opt_d.state_dict(),
+            'model_args': asdict(s.g.config), 'disc_args': s.d and asdict(s.d.config), 'iter': it,
+            'best_psnr': s.best, 'config': s.config}
+    if better:
+        save_atomic(os.path.join(out_dir, 'best.pt'), lambda tmp: torch.save(ckpt, tmp))
+    rng = {'torch': torch.get_rng_state(), 'data': s.gen.get_state(), 'degrade': s.dgen.get_state(),
+           'cuda': torch.cuda.get_rng_state(s.dev) if s.dev.type == 'cuda' else None}
+    ckpt['resume'] = {'rng': rng, 'pool': s.pool.state_dict()}
+    save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda tmp: torch.save(ckpt, tmp))
     log.append(record)
+    write_log(log)
+    draw_curves(log, os.path.join(out_dir, 'curves.png'))
 
 
-def read_log(path, upto):
-    """log.jsonl records up to iteration upto: a run killed after its last checkpoint logged beyond it."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [r for r in map(json.loads, f) if r['iter'] <= upto]
+def write_log(log):
+    text = ''.join(json.dumps(r) + '\n' for r in log)
+    save_atomic(os.path.join(out_dir, 'log.jsonl'), lambda tmp: Path(tmp).write_text(text))
 
 
-def write_log(records, path):
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix='.tmp')
-    with os.fdopen(fd, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
-    os.replace(tmp, path)
+def report(s, it, lr, rows, seconds, log):
+    """Progress line and log.jsonl record for the last len(rows) iterations; skipped steps by iteration."""
+    names = ['loss', 'mse'] if mode == 'psnr' else ['loss', 'l1', 'percep', 'gan', 'd']
+    for j, row in enumerate(rows):
+        skipped = [net for net, ok in zip('GD', row[len(names):]) if not ok]
+        if skipped:
+            print(f"iter {it - len(rows) + j + 1}: non-finite loss or gradient, {'+'.join(skipped)} step skipped")
+    good = [r for r in rows if all(r[len(names):])]
+    means = {n: sum(r[k] for r in good or rows) / len(good or rows) for k, n in enumerate(names)}
+    log.append({'iter': it, **means, 'lr': lr, 'skipped': len(rows) - len(good)})
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(log[-1]) + '\n')
+    ms, eta = seconds * 1000 / len(rows), (max_iters - it) * seconds / len(rows)
+    print(f"iter {it}/{max_iters} | epoch {it * batch_size * s.world / len(s.faces):.2f} | loss {means['loss']:.4g} ("
+          + ', '.join(f"{n} {means[n]:.4g}" for n in names[1:]) + f") | lr {lr:.2e} | "
+          f"{batch_size * s.world * 1000 / ms:.1f} img/s | {ms:.1f} ms/iter | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
 def main():
+    sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once in a redirected log
     s = setup()
-    rank, world, pool, start = s['rank'], s['world'], s['pool'], s['start']
-    master = rank == 0
-    names = ['loss', 'mse'] if mode == 'psnr' else ['loss', 'l1', 'percep', 'gan', 'd']
-    flags = ['G'] if mode == 'psnr' else ['G', 'D']
-    log_path = os.path.join(out_dir, 'log.jsonl')
+    master = s.rank == 0
     log = []
     if master:
-        print(json.dumps(s['config'], indent=1))
-        print(f"{sum(p.numel() for p in s['g'].parameters()):,} G parameters, {len(s['faces'])} training faces, "
-              f"{len(s['pairs'])} validation pairs, {world} process(es) on {s['dev']}, {dtype}")
+        print('config:', json.dumps(s.config))
+        print(f"{sum(p.numel() for p in s.g.parameters()):,} G parameters, {len(s.faces)} training faces, "
+              f"{len(s.pairs)} validation pairs, {s.world} process(es) on {s.dev}, {dtype}")
         os.makedirs(out_dir, exist_ok=True)
-        log = read_log(log_path, start) if resume else []
-        if s['pairs'] and not log:
-            ref = sum(degrade.psnr(bicubic(lq), gt) for lq, gt in s['pairs']) / len(s['pairs'])
-            log.append({'iter': 0, 'bicubic_psnr': ref})
-            print(f"bicubic: {ref:.3f} dB on {val_dir}")
-        write_log(log, log_path)
-    it, hist, t_last = start, [], time.time()
+        if resume:  # a run killed after its last checkpoint had logged beyond it
+            lines = Path(out_dir, 'log.jsonl').read_text().splitlines()
+            log = [r for r in map(json.loads, lines) if r['iter'] <= s.start]
+        elif s.pairs:
+            log = [{'iter': 0, 'bicubic_psnr': sum(degrade.psnr(bicubic(lq), gt) for lq, gt in s.pairs) / len(s.pairs)}]
+            print(f"bicubic: {log[0]['bicubic_psnr']:.3f} dB on {val_dir}")
+        write_log(log)
+    it, hist, t_last = s.start, [], time.time()
     while True:
-        if master and (it == max_iters or (it % eval_interval == 0 and it > start)):
+        if master and (it == max_iters or (it % eval_interval == 0 and it > s.start)):
             evaluate_and_save(s, it, log)
-            write_log(log, log_path)
-            draw_curves(log, os.path.join(out_dir, 'curves.png'))
             t_last = time.time()  # the ETA counts training time only
         if it >= max_iters:
             break
         lr = learning_rate * 0.5 * (1 + math.cos(math.pi * it / max_iters))
-        for opt in (s['opt'], s['opt_d']):
-            for group in (opt.param_groups if opt else []):
-                group['lr'] = lr
-        hist.append(train_step(s, *pool.draw(batch_size, refill=it % refill_every == 0)))
+        for group in [g for opt in (s.opt, s.opt_d) if opt for g in opt.param_groups]:
+            group['lr'] = lr
+        hist.append(train_step(s, *s.pool.draw(batch_size, refill=it % refill_every == 0)))
         it += 1
-        if it % log_interval and it != max_iters:
-            continue
-        rows = torch.stack(hist).tolist()  # the one host sync per log_interval
-        steps, hist, now = len(rows), [], time.time()
-        ms, t_last = (now - t_last) * 1000 / steps, now
-        for j, row in enumerate(rows):
-            skipped = [f for f, ok in zip(flags, row[len(names):]) if not ok]
-            if skipped and master:
-                print(f"iter {it - steps + j + 1}: non-finite loss or gradient, {'+'.join(skipped)} step skipped")
-        good = [r for r in rows if all(r[len(names):])] or rows
-        means = {n: sum(r[k] for r in good) / len(good) for k, n in enumerate(names)}
-        if master:
-            log.append({'iter': it, **means, 'lr': lr, 'skipped': len(rows) - len(good)})
-            with open(log_path, 'a') as f:
-                f.write(json.dumps(log[-1]) + '\n')
-            parts = ', '.join(f"{n} {means[n]:.4g}" for n in names[1:])
-            eta = (max_iters - it) * ms / 1000
-            print(f"iter {it}/{max_iters} | epoch {it * batch_size * world / len(s['faces']):.2f} | loss "
-                  f"{means['loss']:.4g} ({parts}) | lr {lr:.2e} | {batch_size * world * 1000 / ms:.1f} img/s | "
-                  f"{ms:.1f} ms/iter | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-    print(f"rank {rank}: weights checksum {checksum(*[m for m in (s['g'], s['ema'], s['d']) if m is not None])}")
-    if world > 1:
+        if it % log_interval == 0 or it == max_iters:
+            rows, hist = torch.stack(hist).tolist(), []  # the one host sync per log_interval
+            if master:
+                report(s, it, lr, rows, time.time() - t_last, log)
+            t_last = time.time()
+    print(f"rank {s.rank}: weights checksum {checksum(*[m for m in (s.g, s.ema, s.d) if m is not None])}")
+    if s.world > 1:
         dist.destroy_process_group()
 
 
