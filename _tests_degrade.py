@@ -26,6 +26,16 @@ def vectors():
     return torch.load(VECTORS, weights_only=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the 2 cores are shared: an OpenMP thread waiting on a descheduled partner makes each op ~10x
+    # slower (measured 0.3 img/s with 2 threads vs 10 img/s with 1 under load); tests are small anyway
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def smooth_faces(b, size=64, seed=0):
     """Stand-in images: smooth random colour fields in [0,1]."""
     g = torch.Generator().manual_seed(seed)
@@ -222,7 +232,7 @@ def test_drawn_options_occur_with_the_configured_probabilities():
         f = torch.bincount(values.long().flatten(), minlength=len(probs)).double() / values.numel()
         assert ((f - probs).abs() <= 5 * (probs * (1 - probs) / values.numel()).sqrt() + 1e-12).all(), (f, probs)
     for s, x in (('1', ''), ('2', '2')):
-        kinds = [0.9 * q for q in getattr(degrade, 'kernel_prob' + x)] + [0.1]
+        kinds = [(1 - degrade.sinc_prob) * q for q in degrade.kernel_prob] + [degrade.sinc_prob]
         frequencies(p['kind' + s], kinds)
         frequencies(p['updown' + s], getattr(degrade, 'resize_prob' + x))
         frequencies(p['mode' + s], [1 / 3] * 3)
@@ -261,16 +271,45 @@ def bicubic_x4_psnr(lq, gt):
 
 @needs_val
 def test_psnr_distribution_matches_reference_val_lq():
+    # also the robust spread IQR / 1.349: the std of the 50 reference samples hangs on a few tail values
+    # (reference 1.57 dB; ours 1.77 here, 1.84-1.89 over 600 other draws), see notes/degrade.md
     paths = degrade.list_images(os.path.join(VAL, 'GT'))
     gts = torch.stack([degrade.read_image(p)[:3] for p in paths])
     ref = np.array([bicubic_x4_psnr(degrade.read_image(p.replace('GT', 'LQ'))[:3], gt) for p, gt in zip(paths, gts)])
     g, ours = torch.Generator().manual_seed(0), []
-    for _ in range(4):  # 200 draws: standard error of our mean ~0.12 dB
-        for i in range(0, len(gts), 10):
-            ours += [bicubic_x4_psnr(lq, gt) for lq, gt in zip(degrade.degrade(gts[i:i + 10], g)[0], gts[i:i + 10])]
-    ours = np.array(ours)
-    assert abs(ref.mean() - 26.35) < 0.01  # the README's floor
-    assert abs(ours.mean() - ref.mean()) < 0.3 and abs(ours.std() - ref.std()) < 0.3, (ours.mean(), ours.std(), ref.mean(), ref.std())
+    for _ in range(4):  # 200 draws: standard error of our mean ~0.1 dB
+        for i in range(0, len(gts), 2):
+            ours += [bicubic_x4_psnr(lq, gt) for lq, gt in zip(degrade.degrade(gts[i:i + 2], g)[0], gts[i:i + 2])]
+    spread = lambda v: (np.quantile(v, 0.75) - np.quantile(v, 0.25)) / 1.349
+    assert abs(ref.mean() - 26.35) < 0.01  # the README's bicubic floor
+    report = (np.mean(ours), np.std(ours), spread(ours), ref.mean(), ref.std(), spread(ref))
+    assert abs(np.mean(ours) - ref.mean()) < 0.3 and abs(np.std(ours) - ref.std()) < 0.3, report
+    assert abs(spread(ours) - spread(ref)) < 0.3, report
+
+
+def test_pipeline_equals_per_image_torch_composition():
+    # noise off, the batched per-sample pipeline must equal basicsr's steps applied to each image
+    # alone with torch's own ops (F.interpolate, conv2d with reflect padding); rounding to 8 bits may
+    # differ by one level where a value sits on .5
+    def filter2D(x, k):
+        r = k.shape[-1] // 2
+        return F.conv2d(F.pad(x, (r,) * 4, mode='reflect'), k[None].expand(3, 1, -1, -1), groups=3)
+    modes, H = ['area', 'bilinear', 'bicubic'], 96
+    gt = smooth_faces(12, H)
+    off = dict(noise_range=[0.0, 0.0], poisson_scale_range=[0.0, 0.0], noise_range2=[0.0, 0.0], poisson_scale_range2=[0.0, 0.0])
+    lq, _, p = degrade.degrade(gt, torch.Generator().manual_seed(1), return_params=True, **off)
+    for i in range(12):
+        interp = lambda x, s, size=None: F.interpolate(x, size=size, scale_factor=None if size else float(p['scale1'][i]),
+                                                        mode=modes[p['mode' + s][i]])
+        x = filter2D(degrade.usm_sharp(gt[i:i + 1]), p['kernel1'][i])
+        x = degrade.jpeg(interp(x, '1').clamp(0, 1), p['jpeg1'][i:i + 1])
+        x = interp(filter2D(x, p['kernel2'][i]), '2', (int(H / 4 * float(p['scale2'][i])),) * 2).clamp(0, 1)
+        if p['resize_first3'][i]:
+            x = degrade.jpeg(filter2D(interp(x, '3', (H // 4,) * 2), p['kernel3'][i]).clamp(0, 1), p['jpeg2'][i:i + 1])
+        else:
+            x = filter2D(interp(degrade.jpeg(x, p['jpeg2'][i:i + 1]), '3', (H // 4,) * 2), p['kernel3'][i])
+        diff = ((x * 255).round().clamp(0, 255) - lq[i] * 255).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, i
 
 
 # ---------------------------------------------------------------- command line

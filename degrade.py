@@ -6,9 +6,8 @@ Also home of what the scripts share: image I/O, PSNR/SSIM, the --key=value confi
     python degrade.py --bench                     # img/s for 8 x 512x512 faces, time per stage
 
 Per sample without host syncs: images of different sizes share a zero canvas (top-left, sizes in (B,2)
-tensors); a resize is one (out x in) matrix per sample and axis (batched matmuls), a blur an FFT product
-after gathering per-sample reflect indices, JPEG runs on whole canvases (zeros = the reference's zero
-padding). Only on the CPU, where it is free, is the first canvas cut to the batch's largest image.
+tensors); a resize is one (out x in) matrix per sample and axis, a blur an FFT product after gathering
+per-sample reflect indices, JPEG runs on whole canvases (their zeros = the reference's zero padding).
 """
 import ast
 import math
@@ -39,11 +38,7 @@ gray_noise_prob = 0.4  # one noise field for the three channels
 jpeg_range = [50.0, 95.0]  # JPEG quality range
 # ---- second degradation
 second_blur_prob = 0.8  # blur at all in the second degradation
-kernel_prob2 = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # as kernel_prob
-sinc_prob2 = 0.1  # as sinc_prob
-blur_sigma2 = [0.2, 1.5]  # as blur_sigma
-betag_range2 = [0.5, 4.0]  # as betag_range
-betap_range2 = [1.0, 2.0]  # as betap_range
+blur_sigma2 = [0.2, 1.5]  # as blur_sigma (kernel types, sinc and beta as in the first degradation)
 resize_prob2 = [0.3, 0.4, 0.3]  # up / down / keep
 resize_range2 = [0.3, 1.2]  # scale range, relative to the final size
 gaussian_noise_prob2 = 0.5  # as gaussian_noise_prob
@@ -157,32 +152,29 @@ def usm_sharp(img, weight=0.5, radius=50, threshold=10):
     return soft * (img + weight * residual).clamp(0, 1) + (1 - soft) * img
 
 
-def _resize_matrix(n_in, n_out, rs, mode, rows, cols):
-    """(B,rows,cols): F.interpolate along one axis (align_corners=False, no antialias) per sample with
-    mode 0 area (adaptive average pooling), 1 bilinear, 2 bicubic; rs = input pixels per output pixel
-    as torch takes it (1/scale_factor, or n_in/n_out); rows from n_out on are zero."""
-    B, dev = n_in.shape[0], n_in.device
-    o = torch.arange(rows, device=dev)[None, :, None]
-    ni, no, m = n_in.view(-1, 1, 1), n_out.view(-1, 1, 1), mode.view(-1, 1, 1)
-    start, end = o * ni // no, ((o + 1) * ni + no - 1) // no
-    w = 1 / (end - start).float()  # area: +w at start, -w at end, then a running sum along the row
-    area = torch.zeros(B, rows, cols + 1, device=dev).scatter_add_(
-        2, torch.cat([start, end], 2).clamp(max=cols), torch.cat([w, -w], 2)).cumsum(2)[..., :cols]
-    src = rs.view(-1, 1, 1).float() * (o + 0.5) - 0.5
-    src = torch.where(m == 2, src, src.clamp_min(0))  # linear clamps negative coordinates, cubic does not
-    t = src - src.floor()
-    near, far = lambda x: (1.25 * x - 2.25) * x * x + 1, lambda x: ((-0.75 * x + 3.75) * x - 6) * x + 3
-    taps = torch.where(m == 2, torch.cat([far(t + 1), near(t), near(1 - t), far(2 - t)], 2),
-                       torch.cat([0 * t, 1 - t, t, 0 * t], 2))  # cubic: torch's A = -0.75
-    idx = (src.floor().long() + torch.arange(-1, 3, device=dev)).clamp(min=0).minimum(ni - 1)
-    mat = torch.zeros(B, rows, cols, device=dev).scatter_add_(2, idx, taps)
-    return torch.where(m == 0, area, mat) * (o < no)
-
-
 def _resize(img, n_in, n_out, rs, mode, out_hw):
-    """Per-sample resize of the valid (n_in) regions to n_out (both (B,2)) on an out_hw canvas."""
+    """Per-sample F.interpolate (align_corners=False, no antialias) of the valid (n_in) regions to n_out
+    (both (B,2)) on an out_hw canvas; mode 0 area, 1 bilinear, 2 bicubic; rs (B,2) = input pixels per
+    output pixel as torch takes it (1/scale_factor, or n_in/n_out)."""
     B, C, H, W = img.shape
-    rh, rw = (_resize_matrix(n_in[:, i], n_out[:, i], rs[:, i], mode, out_hw[i], (H, W)[i]) for i in (0, 1))
+
+    def matrix(ni, no, rs, rows, cols):  # (B,rows,cols) for one axis; rows from n_out on are zero
+        o = torch.arange(rows, device=img.device)[None, :, None]
+        ni, no, m = ni.view(-1, 1, 1), no.view(-1, 1, 1), mode.view(-1, 1, 1)
+        start, end = o * ni // no, ((o + 1) * ni + no - 1) // no
+        w = 1 / (end - start).float()  # area = adaptive average pool: +w at start, -w at end, running sum
+        area = torch.zeros(B, rows, cols + 1, device=img.device).scatter_add_(
+            2, torch.cat([start, end], 2).clamp(max=cols), torch.cat([w, -w], 2)).cumsum(2)[..., :cols]
+        src = rs.view(-1, 1, 1).float() * (o + 0.5) - 0.5
+        src = torch.where(m == 2, src, src.clamp_min(0))  # linear clamps negative coordinates, cubic not
+        t = src - src.floor()
+        near, far = lambda x: (1.25 * x - 2.25) * x * x + 1, lambda x: ((-0.75 * x + 3.75) * x - 6) * x + 3
+        taps = torch.where(m == 2, torch.cat([far(t + 1), near(t), near(1 - t), far(2 - t)], 2),
+                           torch.cat([0 * t, 1 - t, t, 0 * t], 2))  # cubic: torch's A = -0.75
+        idx = (src.floor().long() + torch.arange(-1, 3, device=img.device)).clamp(min=0).minimum(ni - 1)
+        mat = torch.zeros(B, rows, cols, device=img.device).scatter_add_(2, idx, taps)
+        return torch.where(m == 0, area, mat) * (o < no)
+    rh, rw = (matrix(n_in[:, i], n_out[:, i], rs[:, i], out_hw[i], (H, W)[i]) for i in (0, 1))
     return torch.matmul(rh[:, None], torch.bmm(img.flatten(1, 2), rw.transpose(1, 2)).view(B, C, H, -1))
 
 
@@ -193,16 +185,13 @@ def gaussian_noise(img, sigma, gray, generator=None):
     return torch.where(gray.view(-1, 1, 1, 1), n[:, :1], n)
 
 
-_LUMA = (0.2989, 0.587, 0.114)  # torchvision rgb_to_grayscale, as basicsr's gray Poisson noise
-
-
 def poisson_noise(img, scale, gray, generator=None, sizes=None):
     """Noise to add: (Poisson(x*v)/v - x)*scale with x the image rounded to 8 bits and v its number of
     distinct levels rounded up to a power of 2, per sample (gray: of the luma, one field). Samples with
     scale 0 (and a gray sample's 2nd/3rd channel) get rate 0, which costs torch.poisson almost nothing."""
     B, C, H, W = img.shape
     dev, gv, sv = img.device, gray.view(-1, 1, 1, 1), scale.float().view(-1, 1, 1, 1)
-    luma = img[:, :1] * _LUMA[0] + img[:, 1:2] * _LUMA[1] + img[:, 2:] * _LUMA[2]
+    luma = img[:, :1] * 0.2989 + img[:, 1:2] * 0.587 + img[:, 2:] * 0.114  # torchvision rgb_to_grayscale
     lev = torch.where(gv, luma, img).mul_(255).round_().clamp_(0, 255)
     # distinct levels: one histogram, bins offset by 256 per sample; level 0 also counts the zeros
     # outside the valid region, so it is present only if seen more often than those
@@ -229,28 +218,25 @@ _d = torch.tensor([[math.cos((2 * x + 1) * u * math.pi / 16) * (0.5 ** 0.5 if u 
 _DCT = torch.kron(_d, _d).float()  # (64,64) orthonormal: row-major 8x8 block -> row-major D X D^T
 
 
-def _dct_round_trip(x, table, factor):
-    """(B,c,h,w), h and w multiples of 8: blockwise DCT, quantise with table*factor (B,), back."""
-    B, c, h, w = x.shape
-    dct = _DCT.to(x.device)
-    # clamp: quality 100 gives factor 0, a zero table (DiffJPEG divides by it); libjpeg keeps steps >= 1
-    q = (table.to(x.device).flatten() * factor.view(-1, 1, 1)).clamp_min(1)
-    coef = (x - 128).view(B, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(B, -1, 64) @ dct.T
-    blocks = (torch.round(coef / q).mul_(q) @ dct).add_(128)
-    return blocks.view(B, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(B, c, h, w)
-
-
 def jpeg(img, quality):
     """JPEG encode/decode of (B,3,H,W) in [0,1] at per-sample quality (B,) (or one number): YCbCr, 4:2:0
     chroma by 2x2 means, 8x8 DCT, standard tables scaled as libjpeg does, true rounding, zero padding to
     multiples of 16, clamp. The colour maps are affine, so chroma is made and put back at half size."""
     B, _, H, W = img.shape
     q = torch.as_tensor(quality, dtype=torch.float32, device=img.device).expand(B)
-    factor = torch.where(q < 50, 5000 / q, 200 - q * 2) / 100
+    factor, dct = torch.where(q < 50, 5000 / q, 200 - q * 2) / 100, _DCT.to(img.device)
+
+    def round_trip(x, table):  # (B,c,h,w): 8x8 block DCT, quantise with table * factor, back
+        c, h, w = x.shape[1:]
+        # clamp: quality 100 gives factor 0, a zero table (DiffJPEG divides by it); libjpeg keeps steps >= 1
+        q = (table.to(x.device).flatten() * factor.view(-1, 1, 1)).clamp_min(1)
+        coef = (x - 128).view(B, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(B, -1, 64) @ dct.T
+        blocks = (torch.round(coef / q).mul_(q) @ dct).add_(128)
+        return blocks.view(B, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(B, c, h, w)
     x = F.pad(img, (0, -W % 16, 0, -H % 16)) if H % 16 or W % 16 else img
     m, minv = _RGB2YCC.to(img.device) * 255, _YCC2RGB.to(img.device)
-    y = _dct_round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], _Y_TABLE, factor)
-    c = _dct_round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, _C_TABLE, factor)
+    y = round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], _Y_TABLE)
+    c = round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, _C_TABLE)
     rgb = F.interpolate(torch.einsum('bchw,jc->bjhw', c - 128, minv[:, 1:]), scale_factor=2.0).add_(y)
     return rgb[..., :H, :W].clamp_(0, 255).mul_(1 / 255)
 
@@ -270,10 +256,10 @@ def draw_params(n, device='cpu', generator=None, **overrides):
         return (rand()[:, None] * c[-1] >= c[:-1]).sum(1)
     p = {}
     for s, x in (('1', ''), ('2', '2')):
-        kind = torch.where(rand() < o['sinc_prob' + x], 6, pick(o['kernel_prob' + x]))
+        kind = torch.where(rand() < o['sinc_prob'], 6, pick(o['kernel_prob']))
         size, iso, below, u = ksize(), kind % 2 == 0, rand() < 0.5, rand()
         sx, sy, theta = uniform(*o['blur_sigma' + x]), uniform(*o['blur_sigma' + x]), uniform(-math.pi, math.pi)
-        (g0, g1), (p0, p1) = o['betag_range' + x], o['betap_range' + x]
+        (g0, g1), (p0, p1) = o['betag_range'], o['betap_range']
         lo, hi = torch.where(kind < 4, g0, p0), torch.where(kind < 4, g1, p1)
         w0 = torch.where(size < 13, math.pi / 3, math.pi / 5)
         p.update({'kind' + s: kind, 'ksize' + s: size, 'sigma_x' + s: sx, 'sigma_y' + s: torch.where(iso, sx, sy),
@@ -359,12 +345,13 @@ def _bench(dev, batch_size, seed, o):
         F.interpolate(torch.rand(batch_size, 3, 32, 32), size=(512, 512), mode='bicubic').clamp(0, 1)
     gt, g, stamps, times, rounds = gt.to(dev), torch.Generator(dev).manual_seed(seed), [], {}, 5
     sync = getattr(torch, dev.type).synchronize if dev.type in ('cuda', 'mps') else lambda: None
-    degrade(gt, g)  # warm-up
+    degrade(gt, g, **o)  # warm-up
     with torch.no_grad():
         for _ in range(rounds):
             sync()
             stamps.append(('start', time.perf_counter()))
-            _degrade(gt, draw_params(batch_size, dev, g, **o), o, g, lambda s: (sync(), stamps.append((s, time.perf_counter()))))
+            _degrade(gt, draw_params(batch_size, dev, g, **o), o, g,
+                     lambda stage: (sync(), stamps.append((stage, time.perf_counter()))))
     for (_, t0), (stage, t1) in zip(stamps, stamps[1:]):
         times[stage] = times.get(stage, 0) + (t1 - t0) / rounds * (stage != 'start')
     total = sum(times.values())

@@ -84,31 +84,37 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None, n_inner=0):
-        """x (B*nW, N, C): whole windows -> attention output before `proj`, same shape. mask: the
-        plan's (nW, 1, N, N) shift mask, zero on its first n_inner windows."""
+    def forward(self, x, skip, mask=None, n_inner=0):
+        """skip + proj(attention(x)): x (B*nW, N, C) whole windows, skip (B*nW*N, C). mask: the plan's
+        (nW, 1, N, N) shift mask, zero on its first n_inner windows."""
         Bw, N, C = x.shape
-        nH = self.num_heads
-        qkv = F.linear(x, self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale)
+        nH, hd, p = self.num_heads, C // self.num_heads, -(C // self.num_heads) % 8
+        w, b = self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale
+        w_out = self.proj.weight
+        if p:  # zero-padded heads (13 -> 16): the attention kernels run faster, the result is the same
+            w, b = F.pad(w.view(3 * nH, hd, C), (0, 0, 0, p)).view(-1, C), F.pad(b.view(3 * nH, hd), (0, p)).view(-1)
+            w_out = F.pad(w_out.view(C, nH, hd), (0, p)).view(C, -1)
+        qkv = F.linear(x, w, b).view(Bw, N, 3, nH, hd + p)
         bias = self.relative_position_bias_table.t()[None, :, self.relative_position_index]  # (1, nH, N, N)
         if torch.is_grad_enabled() and x.device.type == 'cpu':  # SDPA would take its slow math path here
-            q, k, v = qkv.view(Bw, N, 3, nH, -1).permute(2, 0, 3, 1, 4).reshape(3, Bw * nH, N, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, Bw * nH, N, hd + p)
             if mask is not None:
                 bias = bias + mask  # (nW, nH, N, N)
             a = torch.bmm(q, k.transpose(1, 2)).view(-1, *bias.shape).add_(bias)  # (B, nW or 1, nH, N, N)
-            return torch.bmm(a.view(-1, N, N).softmax(-1), v).view(Bw, nH, N, -1).transpose(1, 2).reshape(Bw, N, C)
-        q, k, v = qkv.view(Bw, N, 3, nH, -1).permute(2, 0, 3, 1, 4)  # (B*nW, nH, N, hd) views
-        if mask is None:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        elif Bw == mask.shape[0]:  # one image: no mask on the inner windows
-            i = n_inner
-            return torch.cat([F.scaled_dot_product_attention(q[:i], k[:i], v[:i], attn_mask=bias, scale=1.0).transpose(1, 2),
-                              F.scaled_dot_product_attention(q[i:], k[i:], v[i:], attn_mask=bias + mask[i:], scale=1.0)
-                              .transpose(1, 2)]).view(Bw, N, C)
-        else:  # the mask's last stride must be 1, else SDPA takes its slow math path
-            bias = (bias + mask).expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, nH, N, N)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
-        return x.transpose(1, 2).reshape(Bw, N, C)
+            x = torch.bmm(a.view(-1, N, N).softmax(-1), v).view(Bw, nH, N, -1).transpose(1, 2)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, nH, N, hd + p) views
+            if mask is None:
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0).transpose(1, 2)
+            elif Bw == mask.shape[0]:  # one image: no mask on the inner windows
+                i = n_inner
+                x = torch.cat([
+                    F.scaled_dot_product_attention(q[:i], k[:i], v[:i], attn_mask=bias, scale=1.0).transpose(1, 2),
+                    F.scaled_dot_product_attention(q[i:], k[i:], v[i:], attn_mask=bias + mask[i:], scale=1.0).transpose(1, 2)])
+            else:  # the mask's last stride must be 1, else SDPA takes its slow math path
+                bias = (bias + mask).expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, nH, N, N)
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0).transpose(1, 2)
+        return (skip + self.proj.bias).addmm_(x.reshape(Bw * N, -1), w_out.t())  # (B*nW, N, nH, hd + p) -> rows
 
 
 def _skip_linear(x, a, lin):
@@ -129,8 +135,7 @@ class SwinTransformerBlock(nn.Module):
 
     def forward(self, x, mask, n_inner):  # x (B, L, C), tokens in this block's window order
         B, L, C = x.shape
-        a = self.attn(self.norm1(x).view(-1, self.window_size ** 2, C), mask, n_inner)
-        x = _skip_linear(x.view(-1, C), a.view(-1, C), self.attn.proj)
+        x = self.attn(self.norm1(x).view(-1, self.window_size ** 2, C), x.view(-1, C), mask, n_inner)
         return _skip_linear(x, F.gelu(self.mlp.fc1(self.norm2(x))), self.mlp.fc2).view(B, L, C)
 
 
