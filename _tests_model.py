@@ -108,9 +108,9 @@ def test_window_plan_cached_and_matches_roll():
     img = torch.arange(H * W).view(1, H, W)
     shifted = torch.roll(img, (-2, -2), (1, 2)).view(2, 4, 3, 4).permute(0, 2, 1, 3).reshape(-1)  # official partition
     assert torch.equal(plan.perm[2], shifted)
-    in_p0 = img.view(1, -1, 1).index_select(1, plan.index(None, 0))
-    assert torch.equal(in_p0.index_select(1, plan.index(0, 2)).view(-1), shifted)
-    assert torch.equal(in_p0.index_select(1, plan.index(0, None)).view(-1), img.view(-1))
+    in_p0 = img.view(1, -1, 1).index_select(1, plan.idx[None, 0])
+    assert torch.equal(in_p0.index_select(1, plan.idx[0, 2]).view(-1), shifted)
+    assert torch.equal(in_p0.index_select(1, plan.idx[0, None]).view(-1), img.view(-1))
     assert plan.mask.shape == (6, 1, 16, 16) and set(plan.mask.unique().tolist()) == {0.0, -100.0}
 
 
@@ -194,3 +194,18 @@ def test_vgg_features_loading_shapes_and_errors(tmp_path, monkeypatch):
     torch.save({'features.0.weight': torch.zeros(1)}, tmp_path / 'bad.pth')
     with pytest.raises(ValueError, match='bad.pth: not torchvision vgg19'):
         model.VGGFeatures(str(tmp_path / 'bad.pth'))
+
+
+def test_swinir_low_precision_runs():
+    torch.manual_seed(0)
+    net = model.SwinIR(TINY)
+    x = torch.rand(2, 3, 9, 13)
+    ref = net(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # what train.py uses on a GPU, here on the CPU
+        y = net(x)
+        y.float().mean().backward()
+        with torch.no_grad():
+            y1 = net(x[:1])
+    assert (y.float() - ref).abs().max() < 0.05 and (y1.float() - ref[:1]).abs().max() < 0.05
+    with torch.no_grad():
+        assert (net.to(torch.bfloat16)(x.bfloat16()).float() - ref).abs().max() < 0.05

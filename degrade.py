@@ -10,6 +10,7 @@ tensors); a resize is one (out x in) matrix per sample and axis, a blur an FFT p
 per-sample reflect indices, JPEG runs on whole canvases (their zeros = the reference's zero padding).
 """
 import ast
+import functools
 import math
 import os
 import sys
@@ -64,6 +65,11 @@ def _real(dev):  # float64 for the kernel maths, where the device has it
     return torch.float32 if torch.device(dev or 'cpu').type == 'mps' else torch.float64
 
 
+@functools.lru_cache(maxsize=None)
+def _const(name, device, dtype):  # a module constant on a device, copied once (a copy can stall a GPU)
+    return globals()[name].to(device, dtype)
+
+
 # ---- blur kernels (basicsr.data.degradations), batched over (B,) parameter tensors
 def _kernel(size, family, sx, sy, theta, beta, omega, cut=None):
     """(B,size,size) kernels summing to 1 from (B,) parameters: family 0 Gaussian, 1 generalized Gaussian,
@@ -80,7 +86,7 @@ def _kernel(size, family, sx, sy, theta, beta, omega, cut=None):
     t = torch.arange(128, dtype=sx.dtype, device=sx.device) * (2 * math.pi / 128)
     j1 = torch.cos(t - (w * r)[..., None] * t.sin()).mean(-1)
     sinc = torch.where(r > 0, w * j1 / (2 * math.pi * r.clamp_min(1)), w * w / (4 * math.pi))
-    f = v(torch.as_tensor(family, device=sx.device))
+    f = v(family if torch.is_tensor(family) else torch.full_like(sx, family))
     k = torch.where(f == 0, torch.exp(-0.5 * q), torch.where(
         f == 1, torch.exp(-0.5 * qb), torch.where(f == 2, 1 / (qb + 1), sinc)))
     if cut is not None:
@@ -127,14 +133,14 @@ def filter2d(img, kernels, sizes=None):
     done as an FFT product. sizes (B,2): valid sizes on a zero canvas (kept zero outside)."""
     B, C, H, W = img.shape
     r = kernels.shape[-1] // 2
-    n = torch.tensor([H, W], device=img.device).expand(B, 2) if sizes is None else sizes
+    n = (H, W) if sizes is None else (sizes[:, :1], sizes[:, 1:])
     nh, nw = (next(m for m in range(d + 2 * r, 4 * d + 8 * r) if 30 ** 20 % m == 0) for d in (H, W))  # 2^a 3^b 5^c
 
-    def reflect(length, n):  # (B,length): source index of each padded position, 'reflect' about n
-        p = (torch.arange(length, device=img.device) - r).abs()
-        return ((n[:, None] - 1) - ((n[:, None] - 1) - p).abs()).clamp_min(0)
-    x = img.gather(2, reflect(nh, n[:, 0])[:, None, :, None].expand(B, C, nh, W))
-    x = x.gather(3, reflect(nw, n[:, 1])[:, None, None, :].expand(B, C, nh, nw))
+    def reflect(length, n):  # (B or 1,length): source index of each padded position, 'reflect' about n
+        p = (torch.arange(length, device=img.device) - r).abs().view(1, -1)
+        return ((n - 1) - ((n - 1) - p).abs()).clamp_min(0)
+    x = img.gather(2, reflect(nh, n[0])[:, None, :, None].expand(B, C, nh, W))
+    x = x.gather(3, reflect(nw, n[1])[:, None, None, :].expand(B, C, nh, nw))
     kf = torch.fft.rfft2(kernels.reshape(-1, 2 * r + 1, 2 * r + 1), s=(nh, nw)).conj().to(torch.complex64)
     out = torch.fft.irfft2(torch.fft.rfft2(x).mul_(kf[:, None]), s=(nh, nw))[..., :H, :W]
     return out if sizes is None else out * _valid(sizes, H, W)
@@ -224,19 +230,19 @@ def jpeg(img, quality):
     multiples of 16, clamp. The colour maps are affine, so chroma is made and put back at half size."""
     B, _, H, W = img.shape
     q = torch.as_tensor(quality, dtype=torch.float32, device=img.device).expand(B)
-    factor, dct = torch.where(q < 50, 5000 / q, 200 - q * 2) / 100, _DCT.to(img.device)
+    factor, dct = torch.where(q < 50, 5000 / q, 200 - q * 2) / 100, _const('_DCT', img.device, img.dtype)
 
     def round_trip(x, table):  # (B,c,h,w): 8x8 block DCT, quantise with table * factor, back
         c, h, w = x.shape[1:]
         # clamp: quality 100 gives factor 0, a zero table (DiffJPEG divides by it); libjpeg keeps steps >= 1
-        q = (table.to(x.device).flatten() * factor.view(-1, 1, 1)).clamp_min(1)
+        q = (_const(table, x.device, x.dtype).flatten() * factor.view(-1, 1, 1)).clamp_min(1)
         coef = (x - 128).view(B, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(B, -1, 64) @ dct.T
         blocks = (torch.round(coef / q).mul_(q) @ dct).add_(128)
         return blocks.view(B, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(B, c, h, w)
     x = F.pad(img, (0, -W % 16, 0, -H % 16)) if H % 16 or W % 16 else img
-    m, minv = _RGB2YCC.to(img.device) * 255, _YCC2RGB.to(img.device)
-    y = round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], _Y_TABLE)
-    c = round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, _C_TABLE)
+    m, minv = _const('_RGB2YCC', img.device, img.dtype) * 255, _const('_YCC2RGB', img.device, img.dtype)
+    y = round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], '_Y_TABLE')
+    c = round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, '_C_TABLE')
     rgb = F.interpolate(torch.einsum('bchw,jc->bjhw', c - 128, minv[:, 1:]), scale_factor=2.0).add_(y)
     return rgb[..., :H, :W].clamp_(0, 255).mul_(1 / 255)
 
@@ -252,16 +258,16 @@ def draw_params(n, device='cpu', generator=None, **overrides):
     ksize = lambda: 7 + 2 * torch.randint(0, (KSIZE - 5) // 2, (n,), generator=generator, device=dev)
 
     def pick(probs):  # index i with probability probs[i]
-        c = torch.tensor(probs, dtype=_real(dev), device=dev).cumsum(0)
-        return (rand()[:, None] * c[-1] >= c[:-1]).sum(1)
+        u, c = rand() * sum(probs), np.cumsum(probs)
+        return sum((u >= t).long() for t in c[:-1].tolist())
     p = {}
     for s, x in (('1', ''), ('2', '2')):
         kind = torch.where(rand() < o['sinc_prob'], 6, pick(o['kernel_prob']))
         size, iso, below, u = ksize(), kind % 2 == 0, rand() < 0.5, rand()
         sx, sy, theta = uniform(*o['blur_sigma' + x]), uniform(*o['blur_sigma' + x]), uniform(-math.pi, math.pi)
         (g0, g1), (p0, p1) = o['betag_range'], o['betap_range']
-        lo, hi = torch.where(kind < 4, g0, p0), torch.where(kind < 4, g1, p1)
-        w0 = torch.where(size < 13, math.pi / 3, math.pi / 5)
+        lo, hi = torch.where(kind < 4, torch.full_like(u, g0), p0), torch.where(kind < 4, torch.full_like(u, g1), p1)
+        w0 = torch.where(size < 13, torch.full_like(u, math.pi / 3), math.pi / 5)  # float64 bounds
         p.update({'kind' + s: kind, 'ksize' + s: size, 'sigma_x' + s: sx, 'sigma_y' + s: torch.where(iso, sx, sy),
                   'theta' + s: torch.where(iso, 0.0, theta), 'omega' + s: w0 + (math.pi - w0) * rand(),
                   'beta' + s: torch.where(below, lo + (1 - lo) * u, 1 + (hi - 1) * u)})  # basicsr: half below 1
@@ -278,7 +284,8 @@ def draw_params(n, device='cpu', generator=None, **overrides):
 
 def _degrade(gt, p, o, generator, tick=lambda stage: None):
     B, _, H, W = gt.shape
-    full, one = torch.tensor([H, W], device=gt.device).expand(B, 2), torch.ones_like(p['omega3'])
+    full, one = torch.full((B, 2), H, device=gt.device), torch.ones_like(p['omega3'])
+    full[:, 1] = W
     names, delta = ('sigma_x', 'sigma_y', 'theta', 'beta', 'omega'), F.pad(one[:1, None, None], (KSIZE // 2,) * 4)
 
     def kernel(family, args, size, on):  # (B,21,21); a delta (identity) where `on` is False
@@ -385,13 +392,13 @@ def main(argv=None):
                     raise ValueError(f"{path}: expected a 512x512 image, got {img.shape[2]}x{img.shape[1]}")
                 batch[os.path.splitext(os.path.basename(path))[0] + '.png'] = img[:3]
             except ValueError as e:
-                print(f"\nskipped {e}", flush=True)
+                print(f"skipped {e}", flush=True)
                 skipped += 1
         if batch:
             for name, lq in zip(batch, degrade(torch.stack(list(batch.values())).to(dev), g, **opts)[0]):
                 write_image(os.path.join(args[1], name), lq)
         done += len(batch)
-        print(f"\r{done}/{len(paths)} written to {args[1]}", end='', flush=True)
+        print(f"{done}/{len(paths)} written to {args[1]}", end='\r', flush=True)
     print()
     if skipped:
         raise SystemExit(f"error: {skipped} of {len(paths)} images skipped (named above)")

@@ -12,6 +12,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -38,7 +39,7 @@ class SwinIRConfig:
 class WindowPlan:
     """Token orders and the shift mask for one padded input size, built once and cached.
     Order s (0 or the shift) lists the tokens window by window of the image rolled by -s, as the
-    official cyclic shift does; `index(a, b)` re-orders a (B, L, C) stream from order a to b
+    official cyclic shift does; `idx[a, b]` re-orders a (B, L, C) stream from order a to b
     (None = row-major image order) in one gather. In the shifted order the n_inner windows whose
     mask is all zero come first, so that inference can skip the mask there."""
 
@@ -63,9 +64,6 @@ class WindowPlan:
                 return (x >= n - ws).long() + (x >= n - shift).long()
             lab = (region(h, H) * 3 + region(w, W)).expand(nh, nw, ws, ws).reshape(nh * nw, ws * ws)[windows]
             self.mask = ((lab[:, :, None] != lab[:, None, :]).float() * -100.0).unsqueeze(1)  # (nW, 1, N, N)
-
-    def index(self, a, b):
-        return self.idx[(a, b)]
 
 
 class WindowAttention(nn.Module):
@@ -96,12 +94,15 @@ class WindowAttention(nn.Module):
             w_out = F.pad(w_out.view(C, nH, hd), (0, p)).view(C, -1)
         qkv = F.linear(x, w, b).view(Bw, N, 3, nH, hd + p)
         bias = self.relative_position_bias_table.t()[None, :, self.relative_position_index]  # (1, nH, N, N)
+        mask = None if mask is None else mask.to(bias.dtype)
         if torch.is_grad_enabled() and x.device.type == 'cpu':  # SDPA would take its slow math path here
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, Bw * nH, N, hd + p)
             if mask is not None:
                 bias = bias + mask  # (nW, nH, N, N)
-            a = torch.bmm(q, k.transpose(1, 2)).view(-1, *bias.shape).add_(bias)  # (B, nW or 1, nH, N, N)
-            x = torch.bmm(a.view(-1, N, N).softmax(-1), v).view(Bw, nH, N, -1).transpose(1, 2)
+            # 5-D matmul: its output is no autograd view, so the in-place add costs no copy in backward
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, -1, bias.shape[0], nH, N, hd + p)  # (3, B, nW or 1, ...)
+            a = torch.matmul(q, k.transpose(-2, -1))
+            a = a.add_(bias.to(a.dtype)).softmax(-1)  # dtype: under autocast
+            x = torch.matmul(a, v).view(Bw, nH, N, -1).transpose(1, 2)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, nH, N, hd + p) views
             if mask is None:
@@ -114,12 +115,15 @@ class WindowAttention(nn.Module):
             else:  # the mask's last stride must be 1, else SDPA takes its slow math path
                 bias = (bias + mask).expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, nH, N, N)
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0).transpose(1, 2)
-        return (skip + self.proj.bias).addmm_(x.reshape(Bw * N, -1), w_out.t())  # (B*nW, N, nH, hd + p) -> rows
+        return _skip_linear(skip, x.reshape(Bw * N, -1), w_out, self.proj.bias)
 
 
-def _skip_linear(x, a, lin):
-    """x + lin(a) on (T, C) rows: bias and skip summed first, then the GEMM accumulates in place."""
-    return (x + lin.bias).addmm_(a, lin.weight.t())
+def _skip_linear(skip, x, weight, bias):
+    """skip + linear(x) on (T, C) rows: bias and skip summed first, then the GEMM accumulates in place
+    (one pass less); under autocast the plain form, so that the GEMM runs in low precision."""
+    if torch.is_autocast_enabled(skip.device.type):
+        return skip + F.linear(x, weight, bias)
+    return (skip + bias).addmm_(x, weight.t())
 
 
 class SwinTransformerBlock(nn.Module):
@@ -136,7 +140,8 @@ class SwinTransformerBlock(nn.Module):
     def forward(self, x, mask, n_inner):  # x (B, L, C), tokens in this block's window order
         B, L, C = x.shape
         x = self.attn(self.norm1(x).view(-1, self.window_size ** 2, C), x.view(-1, C), mask, n_inner)
-        return _skip_linear(x, F.gelu(self.mlp.fc1(self.norm2(x))), self.mlp.fc2).view(B, L, C)
+        h = F.gelu(self.mlp.fc1(self.norm2(x)))
+        return _skip_linear(x, h, self.mlp.fc2.weight, self.mlp.fc2.bias).view(B, L, C)
 
 
 def _resi_conv(dim, kind):
@@ -165,9 +170,9 @@ class RSTB(nn.Module):
         B, H, W, C = x.shape
         y, order = x.reshape(B, H * W, C), None
         for blk in self.residual_group.blocks:
-            y, order = y.index_select(1, plan.index(order, blk.shift)), blk.shift
+            y, order = y.index_select(1, plan.idx[order, blk.shift]), blk.shift
             y = blk(y, plan.mask if blk.shift else None, plan.n_inner)
-        y = y.index_select(1, plan.index(order, None)).view(B, H, W, C)
+        y = y.index_select(1, plan.idx[order, None]).view(B, H, W, C)
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 
 
@@ -190,8 +195,8 @@ class SwinIR(nn.Module):
         elif cfg.upsampler in ('pixelshuffle', 'nearest+conv'):
             self.conv_before_upsample = nn.Sequential(nn.Conv2d(dim, num_feat, 3, 1, 1), nn.LeakyReLU(inplace=True))
             if cfg.upsampler == 'pixelshuffle':
-                steps = [3] if cfg.upscale == 3 else [2] * int(math.log2(cfg.upscale))
-                if cfg.upscale != 3 and 2 ** len(steps) != cfg.upscale:
+                steps = [3] if cfg.upscale == 3 else [2] * (cfg.upscale.bit_length() - 1)
+                if 2 ** len(steps) != cfg.upscale != 3:
                     raise ValueError(f"upscale: pixelshuffle supports 2^n and 3, got {cfg.upscale}")
                 self.upsample = nn.Sequential(*[m for s in steps for m in (nn.Conv2d(num_feat, s * s * num_feat, 3, 1, 1),
                                                                            nn.PixelShuffle(s))])
@@ -263,13 +268,10 @@ def extract_state_dict(obj):
     if not sd or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise ValueError("no state dict found (expected a plain state dict or one under 'ema', 'model', "
                          "'params_ema' or 'params')")
-    out = {}
-    for k, t in sd.items():
-        while k.startswith(('module.', '_orig_mod.')):
-            k = k.split('.', 1)[1]
-        out[k] = t
+    def strip(k):
+        return strip(k.split('.', 1)[1]) if k.startswith(('module.', '_orig_mod.')) else k
     args = obj.get('model_args')
-    return out, (dict(args) if isinstance(args, dict) else None)
+    return {strip(k): t for k, t in sd.items()}, (dict(args) if isinstance(args, dict) else None)
 
 
 def infer_config(sd):
@@ -367,11 +369,8 @@ class UNetDiscriminatorSN(nn.Module):
         self.conv9 = nn.Conv2d(nf, 1, 3, 1, 1)
 
     def forward(self, x):
-        def act(t):
-            return F.leaky_relu(t, 0.2)
-
-        def up(t):
-            return F.interpolate(t, scale_factor=2, mode='bilinear', align_corners=False)
+        act = partial(F.leaky_relu, negative_slope=0.2)
+        up = partial(F.interpolate, scale_factor=2, mode='bilinear', align_corners=False)
         skip = self.config.skip_connection
         x0 = act(self.conv0(x))
         x1 = act(self.conv1(x0))

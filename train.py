@@ -65,6 +65,7 @@ adam_eps = 1e-8  # Adam
 weight_decay = 0.0  # Adam (L2, as torch.optim.Adam applies it)
 grad_clip = 1.0  # clip the gradient norm of G and of D; 0 = no clipping
 ema_decay = 0.999  # EMA of G's weights; the EMA is validated and saved
+usm_target = True  # pixel/perceptual targets USM-sharpened (Real-ESRGAN's *_gt_usm); False: the plain GT
 # ---- gan
 pixel_weight = 1.0  # L1 to the sharpened GT
 perceptual_weight = 1.0  # L1 between VGG19 features of output and sharpened GT; 0 = no VGG needed
@@ -192,7 +193,7 @@ class Pool:
         lq = torch.stack([self.lq[k, :, t:t + p, s:s + p] for k, (t, s) in zip(pick, at)])
         usm = torch.stack([self.usm[k, :, 4 * t:4 * t + hp, 4 * s:4 * s + hp] for k, (t, s) in zip(pick, at)])
         gt = None
-        if mode == 'gan':
+        if mode == 'gan' or not usm_target:
             gt = self.upload(torch.stack([self.crop(self.src[k].tolist(), 4 * t, 4 * s, hp)
                                           for k, (t, s) in zip(pick, at)]))
         if refill:
@@ -381,17 +382,18 @@ def train_step(s, lq, usm, gt):
     """One G update (and one D update for the GAN) -> device tensor [G loss, its parts, (D loss), ok flags]."""
     with s.ctx:
         out = s.g_run(lq)
+    target = usm if usm_target else gt
     if mode == 'psnr':
-        parts = [F.mse_loss(out.float(), usm)]
+        parts = [F.mse_loss(out.float(), target)]
     else:
         s.d.requires_grad_(False)  # G's adversarial term goes through the plain D: no D grads, no DDP hooks
         with s.ctx:
-            parts = [pixel_weight * F.l1_loss(out.float(), usm), torch.zeros((), device=lq.device)]
+            parts = [pixel_weight * F.l1_loss(out.float(), target), torch.zeros((), device=lq.device)]
             if s.vgg is not None:
                 with torch.no_grad():
-                    target = s.vgg(usm)
+                    features = s.vgg(target)
                 parts[1] = perceptual_weight * sum(w * F.l1_loss(a.float(), b.float())
-                                                   for w, a, b in zip(layer_weights, s.vgg(out), target))
+                                                   for w, a, b in zip(layer_weights, s.vgg(out), features))
             fake = s.d_fwd(out).float()
             parts.append(gan_weight * F.binary_cross_entropy_with_logits(fake, torch.ones_like(fake)))
     loss = sum(parts)
