@@ -244,7 +244,7 @@ def jpeg(img, quality):
     y = round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], '_Y_TABLE')
     c = round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, '_C_TABLE')
     rgb = F.interpolate(torch.einsum('bchw,jc->bjhw', c - 128, minv[:, 1:]), scale_factor=2.0).add_(y)
-    return rgb[..., :H, :W].clamp_(0, 255).mul_(1 / 255)
+    return rgb[..., :H, :W].contiguous().clamp_(0, 255).mul_(1 / 255)
 
 
 # ---- the pipeline (Real-ESRGAN feed_data, every choice per sample)

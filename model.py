@@ -87,24 +87,22 @@ class WindowAttention(nn.Module):
         (nW, 1, N, N) shift mask, zero on its first n_inner windows."""
         Bw, N, C = x.shape
         nH, hd, p = self.num_heads, C // self.num_heads, -(C // self.num_heads) % 8
-        w, b = self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale
-        w_out = self.proj.weight
+        qkv = F.linear(x, self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale)
+        qkv = qkv.view(Bw, N, 3, nH, hd).permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd)
         if p:  # zero-padded heads (13 -> 16): the attention kernels run faster, the result is the same
-            w, b = F.pad(w.view(3 * nH, hd, C), (0, 0, 0, p)).view(-1, C), F.pad(b.view(3 * nH, hd), (0, p)).view(-1)
-            w_out = F.pad(w_out.view(C, nH, hd), (0, p)).view(C, -1)
-        qkv = F.linear(x, w, b).view(Bw, N, 3, nH, hd + p)
+            qkv = F.pad(qkv, (0, p))
         bias = self.relative_position_bias_table.t()[None, :, self.relative_position_index]  # (1, nH, N, N)
         mask = None if mask is None else mask.to(bias.dtype)
         if torch.is_grad_enabled() and x.device.type == 'cpu':  # SDPA would take its slow math path here
             if mask is not None:
                 bias = bias + mask  # (nW, nH, N, N)
             # 5-D matmul: its output is no autograd view, so the in-place add costs no copy in backward
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, -1, bias.shape[0], nH, N, hd + p)  # (3, B, nW or 1, ...)
+            q, k, v = qkv.reshape(3, -1, bias.shape[0], nH, N, hd + p)  # (3, B, nW or 1, nH, N, hd + p)
             a = torch.matmul(q, k.transpose(-2, -1))
             a = a.add_(bias.to(a.dtype)).softmax(-1)  # dtype: under autocast
             x = torch.matmul(a, v).view(Bw, nH, N, -1).transpose(1, 2)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B*nW, nH, N, hd + p) views
+            q, k, v = qkv
             if mask is None:
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0).transpose(1, 2)
             elif Bw == mask.shape[0]:  # one image: no mask on the inner windows
@@ -115,7 +113,8 @@ class WindowAttention(nn.Module):
             else:  # the mask's last stride must be 1, else SDPA takes its slow math path
                 bias = (bias + mask).expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, nH, N, N)
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0).transpose(1, 2)
-        return _skip_linear(skip, x.reshape(Bw * N, -1), w_out, self.proj.bias)
+        x = x[..., :hd].reshape(Bw * N, C)  # (B*nW, N, nH, hd) -> token rows
+        return _skip_linear(skip, x, self.proj.weight, self.proj.bias)
 
 
 def _skip_linear(skip, x, weight, bias):
