@@ -447,53 +447,45 @@ class VGGFeatures(nn.Module):
 # ==== python model.py [--bench [--ref=PATH] [--repeats=N]] ====
 
 
-def _official_swinir(path, cfg):
-    """The official SwinIR class from a file kept outside the repo, with our seed kwargs."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
-    module = __import__(os.path.splitext(os.path.basename(path))[0])
-    return module.SwinIR(**asdict(cfg), drop_path_rate=0.0)  # no stochastic depth: same function as ours
-
-
 def bench(ref='', repeats=5):
-    """Median seconds, interleaved so that load from other processes hits both implementations alike."""
+    """Median seconds, interleaved so that load from other processes hits both implementations alike.
+    ref: the official network_swinir.py / basicsr swinir_arch.py, kept outside the repo."""
     torch.manual_seed(0)
     nets = {'ours': SwinIR()}
     if ref:
-        nets['official'] = _official_swinir(ref, nets['ours'].config)
+        sys.path.insert(0, os.path.dirname(os.path.abspath(ref)))
+        official = __import__(os.path.splitext(os.path.basename(ref))[0]).SwinIR
+        nets['official'] = official(**asdict(nets['ours'].config), drop_path_rate=0.0)  # no stochastic depth
         nets['official'].load_state_dict(nets['ours'].state_dict(), strict=False)  # same weights
     x_train, x_infer = torch.rand(2, 3, 64, 64), torch.rand(1, 3, 128, 128)
 
     def train_step(m):
         m.zero_grad(set_to_none=True)
         m(x_train).square().mean().backward()
-
-    @torch.no_grad()
-    def infer(m):
-        return m(x_infer)
-    tasks = {'fwd+bwd 2x3x64x64': train_step, 'inference 1x3x128x128': infer}
+    tasks = {'fwd+bwd 2x3x64x64': train_step, 'inference 1x3x128x128': torch.no_grad()(lambda m: m(x_infer))}
     times = {(n, t): [] for n in nets for t in tasks}
     for r in range(repeats + 1):  # the first round warms up
-        for t, fn in tasks.items():
-            for n, m in nets.items():
-                t0 = time.perf_counter()
-                fn(m)
-                if r:
-                    times[n, t].append(time.perf_counter() - t0)
+        for (n, t), ts in times.items():
+            t0 = time.perf_counter()
+            tasks[t](nets[n])
+            if r:
+                ts.append(time.perf_counter() - t0)
     print(f"SwinIR seed config, {torch.get_num_threads()} threads, median of {repeats}:")
-    for t in tasks:
+    for t, fn in tasks.items():
         med = {n: statistics.median(times[n, t]) for n in nets}
-        line = '  '.join(f"{n} {s:.3f} s" for n, s in med.items())
-        print(f"  {t:24s} {line}" + (f"  speedup {med['official'] / med['ours']:.2f}x" if ref else ''))
+        print(f"  {t:24s} " + '  '.join(f"{n} {s:.3f} s" for n, s in med.items())
+              + (f"  speedup {med['official'] / med['ours']:.2f}x" if ref else ''))
     if ref:
-        diff = (infer(nets['ours']) - infer(nets['official'])).abs().max().item()
-        print(f"  max abs output difference, same weights: {diff:.2e}")
+        diff = (tasks['inference 1x3x128x128'](nets['ours']) - tasks['inference 1x3x128x128'](nets['official'])).abs().max()
+        print(f"  max abs output difference, same weights: {diff.item():.2e}")
 
 
 if __name__ == '__main__':
     opts = dict(a[2:].split('=', 1) if '=' in a else (a[2:], '1') for a in sys.argv[1:] if a.startswith('--'))
-    unknown = set(opts) - {'bench', 'ref', 'repeats'} or [a for a in sys.argv[1:] if not a.startswith('--')]
-    if unknown:
-        sys.exit(f"error: unknown argument(s) {sorted(unknown)}; usage: python model.py [--bench [--ref=PATH] [--repeats=N]]")
+    bad = set(opts) - {'bench', 'ref', 'repeats'} or [a for a in sys.argv[1:] if not a.startswith('--')]
+    if bad or not opts.get('repeats', '1').isdigit() or not os.path.isfile(opts.get('ref', __file__)):
+        sys.exit("error: usage: python model.py [--bench [--ref=OFFICIAL_SWINIR.py] [--repeats=N]]; "
+                 f"got {' '.join(sys.argv[1:])}")
     for name, net in (('SwinIR', SwinIR()), ('UNetDiscriminatorSN', UNetDiscriminatorSN(UNetConfig(num_feat=24)))):
         print(f"{name} {asdict(net.config)}: {sum(p.numel() for p in net.parameters()):,} parameters")
     if 'bench' in opts:

@@ -9,7 +9,8 @@ order, degrade.py): first for PSNR (MSE), then with L1 + perceptual + GAN losses
     # CPU preset: a 48k-parameter SwinIR that beats bicubic in about 10 minutes on 2 cores
     python train.py --data_dir=../shared/data/faces/train --val_dir=../shared/data/faces/val \\
         --embed_dim=24 --depths=[2,2] --num_heads=[2,2] --patch_size=32 --batch_size=8 --pool_size=300 \\
-        --refill_every=100 --learning_rate=4e-4 --max_iters=8000 --eval_interval=2000 --log_interval=500
+        --refill_every=100 --learning_rate=4e-4 --max_iters=8000 --eval_interval=2000 --log_interval=500 \\
+        --usm_target=False
 
 out_dir gets ckpt.pt (latest, with everything --resume needs), best.pt (best validation PSNR, EMA),
 log.jsonl, curves.png (training loss and validation PSNR) and grid.png (bicubic LQ | output | GT).
@@ -65,7 +66,7 @@ adam_eps = 1e-8  # Adam
 weight_decay = 0.0  # Adam (L2, as torch.optim.Adam applies it)
 grad_clip = 1.0  # clip the gradient norm of G and of D; 0 = no clipping
 ema_decay = 0.999  # EMA of G's weights; the EMA is validated and saved
-usm_target = True  # pixel/perceptual targets USM-sharpened (Real-ESRGAN's *_gt_usm); False: the plain GT
+usm_target = True  # pixel/perceptual targets USM-sharpened (Real-ESRGAN); False: plain GT, higher val PSNR
 # ---- gan
 pixel_weight = 1.0  # L1 to the sharpened GT
 perceptual_weight = 1.0  # L1 between VGG19 features of output and sharpened GT; 0 = no VGG needed
@@ -243,8 +244,11 @@ def save_atomic(path, write):
     """write(temporary path), then rename it to path: a crash never leaves a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain open(), not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
