@@ -16,7 +16,6 @@ alpha outside [0, 1], a missing or unreadable file, or two checkpoints of differ
 """
 import os
 import pickle
-import tempfile
 from dataclasses import asdict
 
 import torch
@@ -87,19 +86,6 @@ def blend(p, g, alpha):
     return out
 
 
-def save_atomic(obj, path):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.pt', dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 if __name__ == '__main__':
     args, config = degrade.configure(globals())
     print(config)
@@ -115,5 +101,6 @@ if __name__ == '__main__':
     except ValueError as e:
         raise SystemExit(f"error: the blend of --psnr={psnr} and --gan={gan} does not load as SwinIR: {e}")
     result['model_args'] = asdict(cfg)
-    save_atomic(result, out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    degrade.save_atomic(out, lambda tmp: torch.save(result, tmp))
     print(f"wrote {out}: {alpha:g} x {psnr} + {1 - alpha:g} x {gan} ({len(p)} tensors)")

@@ -17,7 +17,6 @@ with a raised-cosine ramp. On out-of-memory the tile is halved and the image ret
 """
 import csv
 import os
-import tempfile
 import time
 
 import torch
@@ -108,25 +107,17 @@ def upscale_rgb(model, img, size, overlap, window, scale, dev):
                 torch.cuda.empty_cache()
 
 
-def bicubic(img, scale):
-    return F.interpolate(img[None], scale_factor=scale, mode='bicubic', align_corners=False)[0].clamp(0, 1)
-
-
 def write_csv(path, rows):
     """rows of (name, psnr, ssim) -> CSV with a final mean row, written to a temp file then renamed."""
-    fd, tmp = tempfile.mkstemp(suffix='.csv', dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, 'w', newline='') as f:
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
             w = csv.writer(f)
             w.writerow(['name', 'psnr', 'ssim'])
             w.writerows([n, f"{p:.4f}", f"{s:.6f}"] for n, p, s in rows)
             if rows:
                 w.writerow(['mean', f"{sum(r[1] for r in rows) / len(rows):.4f}",
                             f"{sum(r[2] for r in rows) / len(rows):.6f}"])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    degrade.save_atomic(path, write)
 
 
 def grid_row(cells, name, height):
@@ -151,14 +142,7 @@ def write_grid(path, rows):
     for r in rows:
         grid.paste(r, (0, y))
         y += r.height
-    fd, tmp = tempfile.mkstemp(suffix='.png', dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        grid.save(tmp, format='PNG')
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    degrade.save_atomic(path, lambda tmp: grid.save(tmp, format='PNG'))
 
 
 def gather(inputs):
@@ -228,11 +212,12 @@ if __name__ == '__main__':
             print(f"skipped {path}: {str(e).splitlines()[0]}")
             problems.append(name)
             continue
-        out = torch.cat([rgb, bicubic(img[3:], s)]) if img.shape[0] == 4 else rgb
-        degrade.write_image(os.path.join(out_dir, stem + '.png'), out)
+        if img.shape[0] == 4:  # the alpha channel is no face: plain bicubic
+            rgb = torch.cat([rgb, F.interpolate(img[None, 3:], scale_factor=s, mode='bicubic')[0].clamp(0, 1)])
+        degrade.write_image(os.path.join(out_dir, stem + '.png'), rgb)
         H, W = img.shape[1:]
         line = f"[{i}/{len(paths)}] {name} {W}x{H} -> {W * s}x{H * s} in {time.time() - t0:.2f}s"
-        cells = [degrade.to_uint8(bicubic(img[:3], s)), degrade.to_uint8(rgb)]
+        cells = [degrade.upscale_bicubic(degrade.to_uint8(img[:3]), s), degrade.to_uint8(rgb[:3])]
         if gt_dir:
             gt, why = read_gt(gts, stem, cells[1].shape)
             if gt is None:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -232,27 +231,9 @@ def validate(net, pairs, dev, ctx):
             y = degrade.to_uint8(net(x)[0]).cpu()
         scores.append(float(degrade.psnr(y, gt)))  # a numpy scalar would not load with weights_only
         if i < 3:  # the first three faces make grid.png
-            rows.append(torch.cat([bicubic(lq), y, gt], dim=2))
+            rows.append(torch.cat([degrade.upscale_bicubic(lq), y, gt], dim=2))
     return sum(scores) / len(scores), torch.cat(rows, dim=1)
 
-
-def bicubic(lq):
-    return degrade.to_uint8(F.interpolate(lq[None].float() / 255, scale_factor=4, mode='bicubic')[0])
-
-
-def save_atomic(path, write):
-    """write(temporary path), then rename it to path: a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or '.', suffix='.tmp')
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain open(), not mkstemp's 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def plot(draw, box, points, title, log_y=False, ref=None):
@@ -286,7 +267,7 @@ def draw_curves(records, path):
     plot(draw, (70, 30, 480, 360), loss, f"training loss ({mode}, log scale)", log_y=True)
     plot(draw, (570, 30, 980, 360), [(r['iter'], r['val_psnr']) for r in records if 'val_psnr' in r],
          "validation PSNR, dB (EMA; dashed: bicubic)", ref=ref)
-    save_atomic(path, lambda tmp: img.save(tmp, format='PNG'))
+    degrade.save_atomic(path, lambda tmp: img.save(tmp, format='PNG'))
 
 
 def checksum(*modules):
@@ -432,11 +413,11 @@ def evaluate_and_save(s, it, log):
             'model_args': asdict(s.g.config), 'disc_args': s.d and asdict(s.d.config), 'iter': it,
             'best_psnr': s.best, 'config': s.config}
     if better:
-        save_atomic(os.path.join(out_dir, 'best.pt'), lambda tmp: torch.save(ckpt, tmp))
+        degrade.save_atomic(os.path.join(out_dir, 'best.pt'), lambda tmp: torch.save(ckpt, tmp))
     rng = {'torch': torch.get_rng_state(), 'data': s.gen.get_state(), 'degrade': s.dgen.get_state(),
            'cuda': torch.cuda.get_rng_state(s.dev) if s.dev.type == 'cuda' else None}
     ckpt['resume'] = {'rng': rng, 'pool': s.pool.state_dict()}
-    save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda tmp: torch.save(ckpt, tmp))
+    degrade.save_atomic(os.path.join(out_dir, 'ckpt.pt'), lambda tmp: torch.save(ckpt, tmp))
     log.append(record)
     write_log(log)
     draw_curves(log, os.path.join(out_dir, 'curves.png'))
@@ -444,7 +425,7 @@ def evaluate_and_save(s, it, log):
 
 def write_log(log):  # rewritten whole, atomically: the file always ends at a complete record
     text = ''.join(json.dumps(r) + '\n' for r in log)
-    save_atomic(os.path.join(out_dir, 'log.jsonl'), lambda tmp: Path(tmp).write_text(text))
+    degrade.save_atomic(os.path.join(out_dir, 'log.jsonl'), lambda tmp: Path(tmp).write_text(text))
 
 
 def report(s, it, lr, rows, seconds, log):
@@ -478,7 +459,8 @@ def main():
             lines = Path(out_dir, 'log.jsonl').read_text().splitlines()
             log = [r for r in map(json.loads, lines) if r['iter'] <= s.start]
         elif s.pairs:
-            log = [{'iter': 0, 'bicubic_psnr': sum(degrade.psnr(bicubic(lq), gt) for lq, gt in s.pairs) / len(s.pairs)}]
+            floor = sum(degrade.psnr(degrade.upscale_bicubic(lq), gt) for lq, gt in s.pairs) / len(s.pairs)
+            log = [{'iter': 0, 'bicubic_psnr': floor}]
             print(f"bicubic: {log[0]['bicubic_psnr']:.3f} dB on {val_dir}")
         write_log(log)
     it, hist, t_last = s.start, [], time.time()
