@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-# ==== DEGRADATION (issue 2) ====
+# ==== the degradation ====
 _before_options = set(globals())
 # ---- first degradation (AI6126 2024 challenge options, Real-ESRGAN names)
 kernel_prob = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]  # iso, aniso, generalized_iso/aniso, plateau_iso/aniso

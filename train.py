@@ -235,7 +235,6 @@ def validate(net, pairs, dev, ctx):
     return sum(scores) / len(scores), torch.cat(rows, dim=1)
 
 
-
 def plot(draw, box, points, title, log_y=False, ref=None):
     """One panel: (x, y) points as a polyline in box, min/max labels, an optional dashed line at y=ref."""
     left, top, right, bottom = box
