@@ -480,7 +480,8 @@ def main():
                 report(s, it, lr, rows, time.time() - t_last, log)
             t_last = time.time()
     print(f"rank {s.rank}: weights checksum {checksum(*[m for m in (s.g, s.ema, s.d) if m is not None])}")
-    if s.world > 1:
+    if s.world > 1:  # tear down together: a rank leaving while rank 0 still saves can abort gloo's peers
+        dist.barrier()
         dist.destroy_process_group()
 
 
