@@ -87,10 +87,11 @@ class WindowAttention(nn.Module):
         (nW, 1, N, N) shift mask, zero on its first n_inner windows."""
         Bw, N, C = x.shape
         nH, hd, p = self.num_heads, C // self.num_heads, -(C // self.num_heads) % 8
-        qkv = _linear(x.view(-1, C), self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale)
-        qkv = qkv.view(Bw, N, 3, nH, hd).permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd)
-        if p:  # zero-padded heads (13 -> 16): the attention kernels run faster, the result is the same
-            qkv = F.pad(qkv, (0, p))
+        w, b, pw = self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale, self.proj.weight
+        if p:  # heads zero-padded 13 -> 16 in the weights (no pass over tokens): faster attention, same result
+            w, b = F.pad(w.view(3 * nH, hd, C), (0, 0, 0, p)).view(-1, C), F.pad(b.view(3 * nH, hd), (0, p)).view(-1)
+            pw = F.pad(pw.view(C, nH, hd), (0, p)).view(C, -1)
+        qkv = _linear(x.view(-1, C), w, b).view(Bw, N, 3, nH, hd + p).permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd+p)
         bias = self.relative_position_bias_table.t()[None, :, self.relative_position_index]  # (1, nH, N, N)
         mask = None if mask is None else mask.to(bias.dtype)
         if torch.is_grad_enabled() and x.device.type == 'cpu':  # SDPA would take its slow math path here
@@ -113,18 +114,21 @@ class WindowAttention(nn.Module):
             else:  # the mask's last stride must be 1, else SDPA takes its slow math path
                 bias = (bias + mask).expand(Bw // mask.shape[0], -1, -1, -1, -1).reshape(Bw, nH, N, N)
                 x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0).transpose(1, 2)
-        x = x[..., :hd].reshape(Bw * N, C)  # (B*nW, N, nH, hd) -> token rows
-        return _linear(x, self.proj.weight, self.proj.bias, skip=skip)
+        x = x.reshape(Bw * N, -1)  # (B*nW, N, nH, hd + p) -> token rows
+        return _linear(x, pw, self.proj.bias, skip=skip)
+
+
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')  # once: compile
 
 
 def _linear(x, weight, bias, gelu=False, skip=None):
-    """[skip +] [gelu] linear(x) on (T, C) rows. CPU float32 goes through oneDNN, ~2.5-3x faster than the MKL
-    GEMM behind F.linear on this (AMD) CPU for these thin shapes, fwd and bwd: with autograd as a 1x1
-    convolution of a channels_last view (no copies), without as one fused GEMM + GELU / + skip. Elsewhere,
-    and under autocast (low precision GEMM), the plain form."""
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu'):
+    """[skip +] [gelu] linear(x) on (T, C) rows. CPU float32 goes through oneDNN (2.5-3x faster than F.linear's MKL
+    GEMM on the AMD dev CPU, fwd and bwd, for these thin shapes): with autograd as a 1x1 conv of a channels_last
+    view (no copy), without as one GEMM with GELU / skip fused. Else (or under autocast) the plain form."""
+    if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu')
+            or not ONEDNN):
         y = F.linear(x, weight, bias)
-    elif not torch.is_grad_enabled():
+    elif not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # private ops: no fake tensor impl
         if skip is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, skip, weight, bias, 'add')
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'none')
