@@ -8,6 +8,7 @@ spectral norm, frozen VGG19 features for the perceptual loss, and the checkpoint
 """
 import math
 import os
+import pickle
 import statistics
 import sys
 import time
@@ -342,7 +343,9 @@ def load_generator(path_or_obj, config=None):
         obj = torch.load(path_or_obj, map_location='cpu', weights_only=True) if isinstance(path_or_obj, str) else path_or_obj
         sd, args = extract_state_dict(obj)
     except Exception as e:
-        raise ValueError(f"{name}: cannot read a SwinIR checkpoint ({type(e).__name__}: {e})") from None
+        # torch's unpickling message is a page of advice about weights_only=False, unsafe and beside the point
+        why = '' if isinstance(e, pickle.UnpicklingError) else ': ' + (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"{name}: cannot read a SwinIR checkpoint ({type(e).__name__}{why})") from None
     sd = {k: t for k, t in sd.items() if not k.endswith(DERIVED)}
     try:
         cfg = config if args is None else args
