@@ -15,13 +15,12 @@ alpha outside [0, 1], a missing or unreadable file, or two checkpoints of differ
 {'model', 'model_args', 'config'} and is written to a temp file then renamed.
 """
 import os
-import pickle
 from dataclasses import asdict
 
 import torch
 
 import degrade
-from model import extract_state_dict, load_generator
+from model import extract_state_dict, load_generator, load_torch_file
 
 # ---- data
 psnr = 'out_psnr/best.pt'  # PSNR-trained checkpoint (train.py --mode=psnr --out_dir=out_psnr)
@@ -46,10 +45,9 @@ def load(flag, path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: --{flag}={path}: no such file")
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # torch's unpickling message runs to several lines of advice: keep its kind
-        why = type(e).__name__ + ('' if isinstance(e, pickle.UnpicklingError) else f": {str(e).splitlines()[0]}")
-        raise SystemExit(f"error: --{flag}={path}: not a readable torch weights file ({why})")
+        obj = load_torch_file(path, 'a checkpoint')
+    except ValueError as e:  # its message starts with the path
+        raise SystemExit(f"error: --{flag}={e}")
     try:
         return extract_state_dict(obj)
     except ValueError as e:

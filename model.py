@@ -335,17 +335,26 @@ def _mismatch(name, sd, expected):
     return '\n'.join(lines)
 
 
+def load_torch_file(path, what):
+    """torch.load(path, weights_only=True) on the CPU; any failure -> ValueError, one line naming path."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        # torch's unpickling message is a page of advice about weights_only=False, unsafe and beside the point
+        why = '' if isinstance(e, pickle.UnpicklingError) else ': ' + (str(e).strip().splitlines() or [''])[0]
+        raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}{why})") from None
+
+
 def load_generator(path_or_obj, config=None):
     """Checkpoint path or loaded dict -> (SwinIR in eval mode, SwinIRConfig). Config: model_args in the
     file, else `config`, else inferred from the key shapes. Any problem -> ValueError starting with the path."""
     name = path_or_obj if isinstance(path_or_obj, str) else '<checkpoint>'
+    what = 'a SwinIR checkpoint'
+    obj = load_torch_file(path_or_obj, what) if isinstance(path_or_obj, str) else path_or_obj
     try:
-        obj = torch.load(path_or_obj, map_location='cpu', weights_only=True) if isinstance(path_or_obj, str) else path_or_obj
         sd, args = extract_state_dict(obj)
-    except Exception as e:
-        # torch's unpickling message is a page of advice about weights_only=False, unsafe and beside the point
-        why = '' if isinstance(e, pickle.UnpicklingError) else ': ' + (str(e).strip().splitlines() or [''])[0]
-        raise ValueError(f"{name}: cannot read a SwinIR checkpoint ({type(e).__name__}{why})") from None
+    except ValueError as e:
+        raise ValueError(f"{name}: cannot read {what} ({e})") from None
     sd = {k: t for k, t in sd.items() if not k.endswith(DERIVED)}
     try:
         cfg = config if args is None else args
@@ -419,10 +428,7 @@ def _vgg_state_dict(weights_path):
                 raise FileNotFoundError(
                     f"VGG19 weights not found and the download failed ({type(e).__name__}): put torchvision's "
                     f"{VGG_FILE} ({VGG_URL}) at {path} or pass its path, or train with --perceptual_weight=0") from None
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read VGG19 weights ({type(e).__name__}: {e})") from None
+    return load_torch_file(path, 'VGG19 weights')
 
 
 class VGGFeatures(nn.Module):
