@@ -455,7 +455,7 @@ def test_swinir_matches_reference_and_loads_official_forms(vectors):
             out = net(ref['input'])  # 18x22: not a multiple of the window
         assert out.shape == ref['output'].shape
         assert (out - ref['output']).abs().max() <= 1e-5
-    # the other attention paths: one image (inner windows unmasked), and with autograd on (explicit softmax)
+    # the other attention paths: one image (inner windows unmasked), and with autograd on (_CPUWindowAttention)
     with torch.no_grad():
         assert (net(ref['input'][1:]) - ref['output'][1:]).abs().max() <= 1e-5
     assert (net(ref['input']) - ref['output']).abs().max() <= 1e-5
@@ -619,6 +619,40 @@ def test_swinir_low_precision_runs():
     assert (y.float() - ref).abs().max() < 0.05 and (y1.float() - ref[:1]).abs().max() < 0.05
     with torch.no_grad():
         assert (net.to(torch.bfloat16)(x.bfloat16()).float() - ref).abs().max() < 0.05
+
+
+def graph_names(t):
+    """Names of the autograd nodes behind tensor t."""
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.add(type(node).__name__)
+            todo += [f for f, _ in node.next_functions]
+    return names
+
+
+def test_cpu_training_path_gradients_match_autograd_in_float64(monkeypatch):
+    # float32 with autograd on the CPU runs _CPUWindowAttention (chunked, hand-written backward) and _Reorder;
+    # float64 runs SDPA and index_select under plain autograd: same function, so the same gradients
+    monkeypatch.setattr(model, 'CHUNK', 4)  # 20x12 -> 15 windows of 4x4 per image: chunks of 4, 4, 4, 3
+    net = tiny_model(0, depths=[2, 2], num_heads=[2, 3]).train()  # head dims 6 and 4: padded to 8
+    x = torch.rand(3, 3, 19, 12)
+
+    def run(net, x):
+        x = x.clone().requires_grad_()
+        net.zero_grad()
+        y = net(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        return y, [x.grad] + [p.grad for p in net.parameters()]
+    y32, g32 = run(net, x)
+    assert {'_CPUWindowAttentionBackward', '_ReorderBackward'} <= graph_names(y32)
+    y64, g64 = run(net.double(), x.double())
+    assert '_CPUWindowAttentionBackward' not in graph_names(y64)
+    assert (y32 - y64).abs().max() < 1e-4 * y64.abs().max()
+    rel = [((a - b).norm() / b.norm()).item() for a, b in zip(g32, g64)]
+    assert max(rel) < 1e-4, max(rel)
 
 
 # ---------------------------------------------------------------- sample.py and interpolate.py
