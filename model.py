@@ -117,11 +117,10 @@ class WindowAttention(nn.Module):
 
 class _CPUWindowAttention(torch.autograd.Function):
     """softmax(q k^T + bias [+ mask]) v for float32 CPU training, autograd's numbers, ~1.5x faster than autograd
-    or SDPA (whose CPU backward with a bias gradient is the slow math path). Work goes in chunks of CHUNK windows,
-    so that a chunk's scores stay in L2 cache from bias to product. Heads are padded to a multiple of 8 (13 -> 16)
-    in the head-major copy the batched matmuls need anyway: a product whose output is hd wide runs 16 wide (~1.8x
-    faster than 13 with MKL) and its extra columns are dropped; a product contracting over hd takes the first hd
-    columns only. So the padding is never read into a kept result and is left uninitialised."""
+    or SDPA (whose CPU backward with a bias gradient is the slow math path). One head of CHUNK windows at a time:
+    its scores stay in L2 cache from bias to product and back, and q, k, v, grad are read in place, as strided
+    matrices of the token rows (no head-major copy). Products whose output would be hd = 13 wide are computed
+    transposed (64 wide: ~2x faster with MKL) and written back through a transposed view."""
 
     @staticmethod
     def forward(ctx, qkv, bias, mask):  # qkv (B*nW, N, 3, nH, hd), bias (nH, N, N), mask None or (nW, 1, N, N)
@@ -129,41 +128,34 @@ class _CPUWindowAttention(torch.autograd.Function):
         nW = Bw if mask is None else mask.shape[0]  # a chunk never crosses images: its mask is one slice
         ctx.chunks = [(i + w, min(CHUNK, nW - w), 0 if mask is None else w)  # (first window, windows, mask offset)
                       for i in range(0, Bw, nW) for w in range(0, nW, CHUNK)]
-        heads = qkv.new_empty(3, Bw, nH, N, hd + -hd % 8)
-        P, out = qkv.new_empty(Bw * nH, N, N), qkv.new_empty(Bw, N, nH, hd)  # P: probabilities
-        bias = bias.expand(CHUNK, -1, -1, -1).contiguous() if mask is None else (bias + mask).contiguous()
+        P, out = qkv.new_empty(nH, Bw, N, N), qkv.new_empty(Bw, N, nH, hd)  # P: probabilities, saved
+        bias = bias[:, None].expand(-1, CHUNK, -1, -1) if mask is None else (bias[:, None] + mask[:, 0]).contiguous()
         for a, n, w in ctx.chunks:
-            heads[:, a:a + n, ..., :hd] = qkv[a:a + n].permute(2, 0, 3, 1, 4)
-            q, k, v = heads[:, a:a + n].view(3, n * nH, N, -1)  # (n*nH, N, hd+pad) each
-            p = P[a * nH:(a + n) * nH].view_as(bias[:n]).copy_(bias[w:w + n]).view(-1, N, N)
-            p = torch.softmax(p.baddbmm_(q[..., :hd], k[..., :hd].transpose(1, 2)), -1, out=p)
-            out[a:a + n] = torch.bmm(p, v)[..., :hd].view(n, nH, N, hd).transpose(1, 2)
-        ctx.save_for_backward(heads, P)
+            for h in range(nH):
+                q, k, v = qkv[a:a + n, :, :, h].unbind(2)  # (n, N, hd) each
+                p = P[h, a:a + n].copy_(bias[h, w:w + n]).baddbmm_(q, k.transpose(1, 2))
+                p = torch.softmax(p, -1, out=p)
+                out[a:a + n, :, h] = torch.bmm(v.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2)  # (p v)^T
+        ctx.save_for_backward(qkv, P)
         return out  # (B*nW, N, nH, hd)
 
     @staticmethod
     def backward(ctx, grad):  # grad (B*nW, N, nH, hd)
-        heads, P = ctx.saved_tensors
-        _, Bw, nH, N, hdp = heads.shape
-        hd = grad.shape[-1]
-        dqkv, dbias = heads.new_empty(Bw, N, 3, nH, hd), heads.new_zeros(nH, N, N)
-        g, dheads = heads.new_empty(CHUNK, nH, N, hdp), heads.new_empty(3, CHUNK * nH, N, hdp)
+        qkv, P = ctx.saved_tensors
+        dqkv, dbias = torch.empty_like(qkv), qkv.new_zeros(P.shape[0], *P.shape[2:])
         for a, n, _ in ctx.chunks:
-            q, k, v = heads[:, a:a + n].reshape(3, n * nH, N, hdp)
-            p = P[a * nH:(a + n) * nH]
-            g[:n, ..., :hd] = grad[a:a + n].transpose(1, 2)
-            gn = g[:n].view(n * nH, N, hdp)
-            dq, dk, dv = dheads[:, :n * nH]
-            torch.bmm(p.transpose(1, 2), gn, out=dv)
-            ds = torch._softmax_backward_data(torch.bmm(gn[..., :hd], v[..., :hd].transpose(1, 2)), p, -1, p.dtype)
-            torch.bmm(ds, k, out=dq)  # ds: d scores (n*nH, N, N)
-            torch.bmm(ds.transpose(1, 2), q, out=dk)
-            dqkv[a:a + n] = dheads[:, :n * nH, :, :hd].view(3, n, nH, N, hd).permute(1, 3, 0, 2, 4)
-            dbias += ds.view(n, nH, N, N).sum(0)
+            for h in range(P.shape[0]):
+                q, k, v = qkv[a:a + n, :, :, h].unbind(2)
+                g, p, d = grad[a:a + n, :, h], P[h, a:a + n], dqkv[a:a + n, :, :, h]  # d: (n, N, 3, hd) dq, dk, dv
+                d[:, :, 2] = torch.bmm(g.transpose(1, 2), p).transpose(1, 2)
+                ds = torch._softmax_backward_data(torch.bmm(g, v.transpose(1, 2)), p, -1, p.dtype)  # d scores
+                d[:, :, 0] = torch.bmm(k.transpose(1, 2), ds.transpose(1, 2)).transpose(1, 2)
+                d[:, :, 1] = torch.bmm(q.transpose(1, 2), ds).transpose(1, 2)
+                dbias[h] += ds.sum(0)
         return dqkv, dbias, None
 
 
-CHUNK = 16  # windows per chunk of _CPUWindowAttention: 16 x 6 heads x 64 x 64 floats = 1.5 MB of scores
+CHUNK = 64  # windows per chunk of _CPUWindowAttention: 64 x 64 x 64 floats = 1 MB of scores per head
 
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')  # once: compile

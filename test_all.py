@@ -637,7 +637,7 @@ def test_cpu_training_path_gradients_match_autograd_in_float64(monkeypatch):
     # float32 with autograd on the CPU runs _CPUWindowAttention (chunked, hand-written backward) and _Reorder;
     # float64 runs SDPA and index_select under plain autograd: same function, so the same gradients
     monkeypatch.setattr(model, 'CHUNK', 4)  # 20x12 -> 15 windows of 4x4 per image: chunks of 4, 4, 4, 3
-    net = tiny_model(0, depths=[2, 2], num_heads=[2, 3]).train()  # head dims 6 and 4: padded to 8
+    net = tiny_model(0, depths=[2, 2], num_heads=[2, 3]).train()  # head dims 6 and 4
     x = torch.rand(3, 3, 19, 12)
 
     def run(net, x):
