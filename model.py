@@ -93,7 +93,7 @@ class WindowAttention(nn.Module):
         if (torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
                 and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
             qkv = _linear(x.view(-1, C), w, b).view(Bw, N, 3, nH, hd)
-            x = _CPUWindowAttention.apply(qkv, bias, mask).view(Bw * N, C)  # SDPA's CPU backward: ~1.5x slower
+            x = _CPUWindowAttention.apply(qkv, bias, mask, n_inner).view(Bw * N, C)  # SDPA's CPU backward: ~1.5x slower
             return _linear(x, pw, self.proj.bias, skip=skip)
         p = -hd % 8
         if p:  # heads zero-padded 13 -> 16 in the weights (no pass over tokens): faster attention, same result
@@ -120,20 +120,25 @@ class _CPUWindowAttention(torch.autograd.Function):
     or SDPA (whose CPU backward with a bias gradient is the slow math path). One head of CHUNK windows at a time:
     its scores stay in L2 cache from bias to product and back, and q, k, v, grad are read in place, as strided
     matrices of the token rows (no head-major copy). Products whose output would be hd = 13 wide are computed
-    transposed (64 wide: ~2x faster with MKL) and written back through a transposed view."""
+    transposed (64 wide: ~2x faster with MKL) and written back through a transposed view. The shift mask is added
+    on the border windows only: the plan puts the n_inner windows whose mask is zero first."""
 
     @staticmethod
-    def forward(ctx, qkv, bias, mask):  # qkv (B*nW, N, 3, nH, hd), bias (nH, N, N), mask None or (nW, 1, N, N)
+    def forward(ctx, qkv, bias, mask, n_inner):  # qkv (B*nW, N, 3, nH, hd), bias (nH, N, N), mask None or (nW, 1, N, N)
         Bw, N, _, nH, hd = qkv.shape
         nW = Bw if mask is None else mask.shape[0]  # a chunk never crosses images: its mask is one slice
         ctx.chunks = [(i + w, min(CHUNK, nW - w), 0 if mask is None else w)  # (first window, windows, mask offset)
                       for i in range(0, Bw, nW) for w in range(0, nW, CHUNK)]
         P, out = qkv.new_empty(nH, Bw, N, N), qkv.new_empty(Bw, N, nH, hd)  # P: probabilities, saved
-        bias = bias[:, None].expand(-1, CHUNK, -1, -1) if mask is None else (bias[:, None] + mask[:, 0]).contiguous()
         for a, n, w in ctx.chunks:
+            i = n if mask is None else min(n, max(0, n_inner - w))  # windows without mask, first in the plan's order
             for h in range(nH):
                 q, k, v = qkv[a:a + n, :, :, h].unbind(2)  # (n, N, hd) each
-                p = P[h, a:a + n].copy_(bias[h, w:w + n]).baddbmm_(q, k.transpose(1, 2))
+                p = P[h, a:a + n]
+                p[:i].copy_(bias[h])
+                if i < n:
+                    torch.add(bias[h], mask[w + i:w + n, 0], out=p[i:])
+                p = p.baddbmm_(q, k.transpose(1, 2))
                 p = torch.softmax(p, -1, out=p)
                 out[a:a + n, :, h] = torch.bmm(v.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2)  # (p v)^T
         ctx.save_for_backward(qkv, P)
@@ -152,7 +157,7 @@ class _CPUWindowAttention(torch.autograd.Function):
                 d[:, :, 0] = torch.bmm(k.transpose(1, 2), ds.transpose(1, 2)).transpose(1, 2)
                 d[:, :, 1] = torch.bmm(q.transpose(1, 2), ds).transpose(1, 2)
                 dbias[h] += ds.sum(0)
-        return dqkv, dbias, None
+        return dqkv, dbias, None, None
 
 
 CHUNK = 64  # windows per chunk of _CPUWindowAttention: 64 x 64 x 64 floats = 1 MB of scores per head

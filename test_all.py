@@ -636,7 +636,9 @@ def graph_names(t):
 def test_cpu_training_path_gradients_match_autograd_in_float64(monkeypatch):
     # float32 with autograd on the CPU runs _CPUWindowAttention (chunked, hand-written backward) and _Reorder;
     # float64 runs SDPA and index_select under plain autograd: same function, so the same gradients
-    monkeypatch.setattr(model, 'CHUNK', 4)  # 20x12 -> 15 windows of 4x4 per image: chunks of 4, 4, 4, 3
+    # 19x12 -> 20x12: 15 windows of 4x4 per image, the first 8 without shift mask; chunks of 3 windows:
+    # unmasked, straddling (2 + 1 masked) and masked ones
+    monkeypatch.setattr(model, 'CHUNK', 3)
     net = tiny_model(0, depths=[2, 2], num_heads=[2, 3]).train()  # head dims 6 and 4
     x = torch.rand(3, 3, 19, 12)
 
