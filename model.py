@@ -129,7 +129,9 @@ class _CPUWindowAttention(torch.autograd.Function):
         nW = Bw if mask is None else mask.shape[0]  # a chunk never crosses images: its mask is one slice
         ctx.chunks = [(i + w, min(CHUNK, nW - w), 0 if mask is None else w)  # (first window, windows, mask offset)
                       for i in range(0, Bw, nW) for w in range(0, nW, CHUNK)]
-        P, out = qkv.new_empty(nH, Bw, N, N), qkv.new_empty(Bw, N, nH, hd)  # P: probabilities, saved
+        spare = _SPARE.get((nH, Bw, N))
+        ctx.P = P = spare.pop() if spare else qkv.new_empty(nH, Bw, N, N)  # probabilities, kept for backward
+        out = qkv.new_empty(Bw, N, nH, hd)
         for a, n, w in ctx.chunks:
             i = n if mask is None else min(n, max(0, n_inner - w))  # windows without mask, first in the plan's order
             for h in range(nH):
@@ -141,12 +143,14 @@ class _CPUWindowAttention(torch.autograd.Function):
                 p = p.baddbmm_(q, k.transpose(1, 2))
                 p = torch.softmax(p, -1, out=p)
                 out[a:a + n, :, h] = torch.bmm(v.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2)  # (p v)^T
-        ctx.save_for_backward(qkv, P)
+        ctx.save_for_backward(qkv)
         return out  # (B*nW, N, nH, hd)
 
     @staticmethod
     def backward(ctx, grad):  # grad (B*nW, N, nH, hd)
-        qkv, P = ctx.saved_tensors
+        (qkv,), P, ctx.P = ctx.saved_tensors, ctx.P, None
+        if P is None:
+            raise RuntimeError("_CPUWindowAttention: backward twice through the same graph is not supported")
         dqkv, dbias = torch.empty_like(qkv), qkv.new_zeros(P.shape[0], *P.shape[2:])
         for a, n, _ in ctx.chunks:
             for h in range(P.shape[0]):
@@ -157,9 +161,14 @@ class _CPUWindowAttention(torch.autograd.Function):
                 d[:, :, 0] = torch.bmm(k.transpose(1, 2), ds.transpose(1, 2)).transpose(1, 2)
                 d[:, :, 1] = torch.bmm(q.transpose(1, 2), ds).transpose(1, 2)
                 dbias[h] += ds.sum(0)
+        _SPARE.setdefault(tuple(P.shape[:3]), []).append(P)  # for the next forward: P's memory is not handed back
         return dqkv, dbias, None, None
 
 
+# Probability buffers whose backward is done, by (nH, B*nW, N), reused by the next forwards: a fresh buffer
+# (12 MB a block for 2 64x64 crops) is zeroed by the OS page by page at first touch, costly on a loaded machine.
+# They stay allocated (at most one per block and input shape); _SPARE.clear() frees them.
+_SPARE = {}
 CHUNK = 64  # windows per chunk of _CPUWindowAttention: 64 x 64 x 64 floats = 1 MB of scores per head
 
 

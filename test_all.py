@@ -639,6 +639,7 @@ def test_cpu_training_path_gradients_match_autograd_in_float64(monkeypatch):
     # 19x12 -> 20x12: 15 windows of 4x4 per image, the first 8 without shift mask; chunks of 3 windows:
     # unmasked, straddling (2 + 1 masked) and masked ones
     monkeypatch.setattr(model, 'CHUNK', 3)
+    monkeypatch.setattr(model, '_SPARE', {})
     net = tiny_model(0, depths=[2, 2], num_heads=[2, 3]).train()  # head dims 6 and 4
     x = torch.rand(3, 3, 19, 12)
 
@@ -650,6 +651,13 @@ def test_cpu_training_path_gradients_match_autograd_in_float64(monkeypatch):
         return y, [x.grad] + [p.grad for p in net.parameters()]
     y32, g32 = run(net, x)
     assert {'_CPUWindowAttentionBackward', '_ReorderBackward'} <= graph_names(y32)
+    assert model._SPARE  # the probability buffers went back for reuse, and reused they give the same result
+    y32b, g32b = run(net, x)
+    assert torch.equal(y32b, y32) and all(torch.equal(a, b) for a, b in zip(g32b, g32))
+    y = net(x).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='backward twice'):  # its buffers may be in another forward's use
+        y.backward()
     y64, g64 = run(net.double(), x.double())
     assert '_CPUWindowAttentionBackward' not in graph_names(y64)
     assert (y32 - y64).abs().max() < 1e-4 * y64.abs().max()
