@@ -176,9 +176,10 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_li
 
 
 def _linear(x, weight, bias, gelu=False, skip=None):
-    """[skip +] [gelu] linear(x) on (T, C) rows. CPU float32 goes through oneDNN (per call 2.2x (fwd+bwd) to 2.5x
-    (fwd) faster than F.linear's MKL GEMM on the AMD dev CPU, for these thin shapes): with autograd as a 1x1 conv of a channels_last
-    view (no copy), without as one GEMM with GELU / skip fused. Else (or under autocast) the plain form."""
+    """[skip +] [gelu] linear(x) on (T, C) rows. CPU float32 goes through oneDNN (per call 2.2x (fwd+bwd) to
+    2.5x (fwd) faster than F.linear's MKL GEMM on the AMD dev CPU, for these thin shapes): with autograd as a
+    1x1 conv of a channels_last view (no copy), without as one GEMM with GELU / skip fused. Else (or under
+    autocast) the plain form."""
     if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu')
             or not ONEDNN):
         y = F.linear(x, weight, bias)
