@@ -10,6 +10,7 @@ import math
 import os
 import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -619,6 +620,25 @@ def test_swinir_low_precision_runs():
     assert (y.float() - ref).abs().max() < 0.05 and (y1.float() - ref[:1]).abs().max() < 0.05
     with torch.no_grad():
         assert (net.to(torch.bfloat16)(x.bfloat16()).float() - ref).abs().max() < 0.05
+
+
+@pytest.mark.skipif(not shutil.which('g++'), reason="torch.compile's CPU backend needs a C++ compiler")
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch's own imports under compile
+def test_swinir_under_torch_compile_equals_eager():
+    torch.manual_seed(0)
+    net = model.SwinIR(MODEL_TINY)
+    x = torch.rand(2, 3, 12, 16)  # shifted windows with a mask, two images
+    ref = net(x)
+    ref.square().mean().backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    compiled = torch.compile(net)  # train.py --compile=True; the CPU training Function gives way to SDPA here
+    y = compiled(x)
+    y.square().mean().backward()
+    assert (y - ref).abs().max() < 1e-5
+    assert all((p.grad - g).abs().max() < 1e-6 for p, g in zip(net.parameters(), grads))
+    with torch.no_grad():
+        assert (compiled(x) - ref).abs().max() < 1e-5
 
 
 def graph_names(t):
