@@ -18,6 +18,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # ==== SwinIR ====
 
@@ -147,6 +148,7 @@ class _CPUWindowAttention(torch.autograd.Function):
         return out  # (B*nW, N, nH, hd)
 
     @staticmethod
+    @once_differentiable  # a double backward (create_graph) through it raises instead of going wrong
     def backward(ctx, grad):  # grad (B*nW, N, nH, hd)
         (qkv,), P, ctx.P = ctx.saved_tensors, ctx.P, None
         if P is None:
