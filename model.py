@@ -43,7 +43,7 @@ class WindowPlan:
     Order s (0 or the shift) lists the tokens window by window of the image rolled by -s, as the
     official cyclic shift does; `idx[a, b]` re-orders a (B, L, C) stream from order a to b
     (None = row-major image order) in one gather. In the shifted order the n_inner windows whose
-    mask is all zero come first, so that inference can skip the mask there."""
+    mask is all zero come first, so that attention can skip the mask there."""
 
     def __init__(self, H, W, ws, shift, device):
         nh, nw = H // ws, W // ws
@@ -91,8 +91,7 @@ class WindowAttention(nn.Module):
         nH, hd = self.num_heads, C // self.num_heads
         w, b, pw = self.qkv.weight * self.qkv_scale[:, None], self.qkv.bias * self.qkv_scale, self.proj.weight
         bias = self.relative_position_bias_table.t()[:, self.relative_position_index]  # (nH, N, N)
-        if (torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
-                and not torch.is_autocast_enabled('cpu') and not torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() and _cpu_float32(x) and not torch.compiler.is_compiling():
             qkv = _linear(x.view(-1, C), w, b).view(Bw, N, 3, nH, hd)
             x = _CPUWindowAttention.apply(qkv, bias, mask, n_inner).view(Bw * N, C)  # SDPA's CPU backward: ~1.5x slower
             return _linear(x, pw, self.proj.bias, skip=skip)
@@ -174,6 +173,10 @@ _SPARE = {}
 CHUNK = 64  # windows per chunk of _CPUWindowAttention: 64 x 64 x 64 floats = 1 MB of scores per head
 
 
+def _cpu_float32(x):  # where the CPU-specific paths apply: float32 on the CPU, outside autocast
+    return x.device.type == 'cpu' and x.dtype == torch.float32 and not torch.is_autocast_enabled('cpu')
+
+
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, '_linear_pointwise')  # once: compile
 
 
@@ -182,8 +185,7 @@ def _linear(x, weight, bias, gelu=False, skip=None):
     2.5x (fwd) faster than F.linear's MKL GEMM on the AMD dev CPU, for these thin shapes): with autograd as a
     1x1 conv of a channels_last view (no copy), without as one GEMM with GELU / skip fused. Else (or under
     autocast) the plain form."""
-    if (x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu')
-            or not ONEDNN):
+    if not (_cpu_float32(x) and ONEDNN):
         y = F.linear(x, weight, bias)
     elif not torch.is_grad_enabled() and not torch.compiler.is_compiling():  # private ops: no fake tensor impl
         if skip is not None:
