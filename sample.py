@@ -1,23 +1,22 @@
 """
 Restore low-quality faces (or any photo, any size) 4x with a trained SwinIR; score and show them.
 
-    python sample.py ../shared/data/real_lq                        # out/best.pt -> results/<stem>.png
-    python sample.py photos/ big.jpg --ckpt=out/interp.pt --tile=256   # bounded memory on big photos
-    python sample.py ../shared/data/faces/val/LQ --gt_dir=../shared/data/faces/val/GT  # PSNR/SSIM csv
-    python sample.py ../shared/data/real_lq --compare=True         # strips + grid (the seed's Figure 2)
+    python sample.py photos/                                    # -> results/<stem>.png
+    python sample.py photos/ big.jpg --ckpt=gan.pt --tile=256   # bounded memory on big photos
+    python sample.py val/LQ --gt_dir=val/GT                     # PSNR/SSIM -> results/metrics.csv
+    python sample.py photos/ --compare=True                     # strips + grid (the seed's Fig. 2)
     python sample.py lq/ --ckpt=001_classicalSR_DF2K_s64w8_SwinIR-M_x4.pth   # official weights
 
-Inputs are folders (png/jpg/jpeg/webp/bmp) or single files. Gray and RGBA inputs become RGB for the
-network; an alpha channel is upscaled with bicubic and put back (RGBA PNG out). 16-bit PNGs are read
-at full precision. A file that cannot be read is reported and skipped; the exit status is then 1.
-With --tile=N the image stays on the CPU and one tile of N LQ px at a time goes to the device; tiles
-start on window multiples (so each sees the same attention windows as the whole image) and overlap
-by --tile_overlap px: the outer quarter of an overlap is context only, the middle half is blended
-with a raised-cosine ramp. On out-of-memory the tile is halved and the image retried.
+The model: --ckpt, else the first of interp.pt, gan.pt, psnr.pt here (what interpolate.py and
+train.py write), else weights/default.pt beside this script (the CPU preset that ships). Inputs:
+folders or image files; gray, RGBA (alpha: bicubic) and 16-bit PNGs work; a bad file is skipped
+(exit status 1). --tile=N: tiles of N LQ px on window multiples, overlapping by --tile_overlap
+(outer quarter context only, middle half blended by a raised cosine), halved on out-of-memory.
 """
 import csv
 import os
 import time
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +26,13 @@ import degrade
 from model import SwinIRConfig, load_generator
 
 # ---- data
-ckpt = 'out/best.pt'  # our checkpoint (EMA weights when present) or an official SwinIR file
+ckpt = ''  # '' = interp.pt, gan.pt, psnr.pt (first that exists), then weights/default.pt
 out_dir = 'results'  # one PNG per input, same stem
-gt_dir = ''  # ground truth with the same stems: PSNR/SSIM per image, printed and in out_dir/metrics.csv
-compare = False  # also out_dir/compare/<stem>.png (bicubic LQ | restored | GT) and out_dir/compare_grid.png
+gt_dir = ''  # ground truth, same stems: PSNR/SSIM per image, printed and in out_dir/metrics.csv
+compare = False  # also out_dir/compare/<stem>.png (bicubic | restored | GT), out_dir/compare_grid.png
 compare_height = 256  # px per row of the compare grid
-# ---- model: only for files without model_args (official weights); None = inferred from the key shapes,
-# any field given here builds SwinIRConfig(given fields, seed defaults for the rest)
+# ---- model: only for files without model_args (official weights); None = inferred from the key
+# shapes, any field given here builds SwinIRConfig(given fields, seed defaults for the rest)
 upscale = None  # 4 for every model of this project
 window_size = None  # 8
 img_range = None  # 1.0
@@ -48,21 +47,42 @@ tile = 0  # LQ px per tile side (0 = the whole image at once); rounded down to a
 tile_overlap = 32  # LQ px shared by neighbouring tiles; rounded up to a window multiple, <= tile/2
 device = ''  # '' = cuda, then mps, then cpu
 
-_ARCH = ('upscale', 'window_size', 'img_range', 'depths', 'embed_dim', 'num_heads', 'mlp_ratio', 'upsampler',
-        'resi_connection')
+_ARCH = [k for k in asdict(SwinIRConfig()) if k in globals()]  # the model settings above
+_CHAIN = ('interp.pt', 'gan.pt', 'psnr.pt')  # in the working directory, best first
+_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'weights', 'default.pt')
+
+
+def check_settings(config):
+    """Every setting's range, before any work: one line naming the flag, its value, what is valid.
+    Model settings only when given (SwinIRConfig checks upsampler and resi_connection itself)."""
+    rules = [('tile', tile >= 0, 'an int >= 0'), ('tile_overlap', tile_overlap >= 0, 'an int >= 0'),
+             ('compare_height', 0 < compare_height <= 4096, 'an int in [1, 4096]'),
+             ('out_dir', out_dir != '', 'a folder name')]
+    arch = {k: config[k] for k in _ARCH if config[k] is not None}
+    for k, v in arch.items():
+        kinds = (int, float) if k in ('img_range', 'mlp_ratio') else (int,)  # bool is no count
+        items = v if type(v) is list and k in ('depths', 'num_heads') else [v]
+        if k not in ('upsampler', 'resi_connection'):
+            rules.append((k, len(items) > 0 and all(type(x) in kinds and x > 0 for x in items),
+                          f"{'a list of ' if items is v else 'an '}{' or '.join(t.__name__ for t in kinds)}"
+                          " > 0"))
+    for k, valid, what in rules:
+        if not valid:
+            raise SystemExit(f"error: --{k}={config[k]!r}: expected {what}")
+    return arch
 
 
 def tile_starts(n, size, overlap):
-    """Tile origins along one axis: stride size-overlap, the last tile ends at n (it may be shorter)."""
+    """Tile origins along one axis: stride size-overlap, the last tile ends at n (may be shorter)."""
     return list(range(0, max(n - overlap, 1), size - overlap))
 
 
 def ramp_weights(n, lo_inner, hi_inner, overlap, scale):
-    """Blending weight of n output px of one tile along one axis. Across an inner edge (one shared with
-    a neighbour) it is 0 on the outer quarter of the overlap, where the tile's own border (conv zero
-    padding, reflect padding, shifted-window mask) shows, and rises as a raised cosine over the middle
-    half; two neighbours' ramps then add up to 1. Image borders keep weight 1."""
-    t = (torch.arange(n, dtype=torch.float64) + 0.5) / scale  # pixel centres in LQ px from the tile start
+    """Blending weight of n output px of one tile along one axis. Across an inner edge (one shared
+    with a neighbour) it is 0 on the outer quarter of the overlap, where the tile's own border (conv
+    zero padding, reflect padding, shifted-window mask) shows, and rises as a raised cosine over the
+    middle half; two neighbours' ramps then add up to 1. Image borders keep weight 1."""
+    t = (torch.arange(n, dtype=torch.float64) + 0.5) / scale  # px centres, LQ px from tile start
     w = torch.ones(n, dtype=torch.float64)
     if overlap > 0:
         ramp = lambda d: 0.5 - 0.5 * torch.cos(torch.pi * ((d - overlap / 4) / (overlap / 2)).clamp(0, 1))
@@ -92,10 +112,12 @@ def upscale_tiled(model, img, size, overlap, scale, dev):
 
 
 def upscale_rgb(model, img, size, overlap, window, scale, dev):
-    """Tile geometry on window multiples; size 0 = the whole image. Out of memory: halve and retry."""
-    size = -(-max(img.shape[1:]) // window) * window if size <= 0 else max(window, size // window * window)
+    """Tile geometry on window multiples; size 0 = the whole image. Out of memory: halve, retry."""
+    if size <= 0:
+        size = -(-max(img.shape[1:]) // window) * window
+    size = max(window, size // window * window)
     while True:
-        ov = min(-(-overlap // window) * window, size // 2 // window * window)  # <= 2 tiles per pixel
+        ov = min(-(-overlap // window) * window, size // 2 // window * window)  # <= 2 tiles per px
         try:
             return upscale_tiled(model, img, size, ov, scale, dev)
         except torch.OutOfMemoryError:
@@ -108,16 +130,19 @@ def upscale_rgb(model, img, size, overlap, window, scale, dev):
 
 
 def write_csv(path, rows):
-    """rows of (name, psnr, ssim) -> CSV with a final mean row, written to a temp file then renamed."""
+    """rows of (name, psnr, ssim) -> CSV with a final mean row, written to a temp file, renamed."""
     def write(tmp):
         with open(tmp, 'w', newline='') as f:
             w = csv.writer(f)
             w.writerow(['name', 'psnr', 'ssim'])
             w.writerows([n, f"{p:.4f}", f"{s:.6f}"] for n, p, s in rows)
             if rows:
-                w.writerow(['mean', f"{sum(r[1] for r in rows) / len(rows):.4f}",
-                            f"{sum(r[2] for r in rows) / len(rows):.6f}"])
+                w.writerow(['mean', f"{mean(rows, 1):.4f}", f"{mean(rows, 2):.6f}"])
     degrade.save_atomic(path, write)
+
+
+def mean(rows, i):
+    return sum(r[i] for r in rows) / len(rows)
 
 
 def grid_row(cells, name, height):
@@ -127,10 +152,9 @@ def grid_row(cells, name, height):
     row = Image.new('RGB', (width * len(cells), height), 'white')
     draw = ImageDraw.Draw(row)
     for i, c in enumerate(cells):
-        im = Image.fromarray(c.permute(1, 2, 0).numpy()).resize((width, height), Image.Resampling.LANCZOS)
-        row.paste(im, (i * width, 0))
-        box = draw.textbbox((i * width + 3, 2), labels[i])
-        draw.rectangle(box, fill='black')
+        im = Image.fromarray(c.permute(1, 2, 0).numpy())
+        row.paste(im.resize((width, height), Image.Resampling.LANCZOS), (i * width, 0))
+        draw.rectangle(draw.textbbox((i * width + 3, 2), labels[i]), fill='black')
         draw.text((i * width + 3, 2), labels[i], fill='white')
     return row
 
@@ -146,20 +170,29 @@ def write_grid(path, rows):
 
 
 def gather(inputs):
-    """Positional args (folders or files) -> image paths; one clear error when there is nothing to do."""
+    """Positional args (folders or files) -> image paths; one error line when there is nothing to
+    do or when an output would overwrite an input or a ground truth."""
     if not inputs:
         raise SystemExit("error: give at least one input folder or image: python sample.py photos/")
     paths = []
     for p in inputs:
-        if os.path.isdir(p):
-            paths += degrade.list_images(p)
-        elif os.path.isfile(p):
-            paths.append(p)
-        else:
+        if not os.path.exists(p):
             raise SystemExit(f"error: {p}: no such file or folder")
+        paths += degrade.list_images(p) if os.path.isdir(p) else [p]
+    if not paths:
+        raise SystemExit(f"error: no images ({', '.join(degrade.IMG_EXTS)}) in {' '.join(inputs)}")
+    if gt_dir and not os.path.isdir(gt_dir):
+        raise SystemExit(f"error: --gt_dir={gt_dir}: not a folder")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: --out_dir={out_dir} is a file, not a folder")
+    written = {os.path.realpath(out_dir)}  # the folders that get our PNGs
+    if compare:
+        written.add(os.path.realpath(os.path.join(out_dir, 'compare')))
     for p in paths:
-        if os.path.realpath(os.path.dirname(p)) == os.path.realpath(out_dir):
+        if os.path.realpath(os.path.dirname(p)) in written:
             raise SystemExit(f"error: --out_dir={out_dir} holds the input {p}: it would be overwritten")
+    if gt_dir and os.path.realpath(gt_dir) in written:
+        raise SystemExit(f"error: --out_dir={out_dir} is --gt_dir: the ground truth would be overwritten")
     return paths
 
 
@@ -172,71 +205,103 @@ def read_gt(gts, stem, shape):
     except ValueError as e:
         return None, str(e)
     if gt.shape != shape:
-        return None, f"ground truth {gts[stem]} is {gt.shape[2]}x{gt.shape[1]}, output {shape[2]}x{shape[1]}"
+        return None, f"ground truth {gts[stem]} is {gt.shape[2]}x{gt.shape[1]}, not {shape[2]}x{shape[1]}"
     return gt, ''
 
 
 def load_model(arch, dev):
-    if not os.path.isfile(ckpt):
-        raise SystemExit(f"error: --ckpt={ckpt}: no such file (train one with train.py, or pass --ckpt=PATH)")
+    """--ckpt or the first default that exists -> (SwinIR on dev, config); prints which file."""
+    path = ckpt or next((p for p in _CHAIN + (_SHIPPED,) if os.path.isfile(p)), '')
+    if not path:
+        raise SystemExit(f"error: no model: no --ckpt, none of {', '.join(_CHAIN)} here, no {_SHIPPED}"
+                         " (python train.py --mode=psnr writes psnr.pt; see README, Quick start)")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --ckpt={path}: {'a folder' if os.path.isdir(path) else 'no such file'}"
+                         " (give a checkpoint: psnr.pt, gan.pt, interp.pt or an official SwinIR file)")
     try:
-        model, cfg = load_generator(ckpt, SwinIRConfig(**arch) if arch else None)
+        model, cfg = load_generator(path, SwinIRConfig(**arch) if arch else None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    n = sum(t.numel() for t in model.parameters())
+    print(f"model: {path} (SwinIR embed {cfg.embed_dim}, depths {cfg.depths}, window {cfg.window_size},"
+          f" {cfg.upsampler} x{cfg.upscale}, {n:,} parameters)")
+    ignored = [f"--{k}={v!r}" for k, v in arch.items() if getattr(cfg, k) != v]
+    if ignored:
+        print(f"note: {path} names its architecture (model_args): ignored {' '.join(ignored)}")
     return model.eval().to(dev), cfg
+
+
+def make_out_dir():
+    try:
+        os.makedirs(os.path.join(out_dir, 'compare') if compare else out_dir, exist_ok=True)
+    except OSError as e:  # a file on the way, no permission
+        raise SystemExit(f"error: --out_dir={out_dir}: cannot make it ({e})")
+    if not os.access(out_dir, os.W_OK):
+        raise SystemExit(f"error: --out_dir={out_dir}: not writable")
+
+
+def restore_one(path, model, cfg, dev, gts):
+    """Restore one image and write it (and its strip) -> (printed line, cells, score or None, why)."""
+    img = degrade.read_image(path)  # (3 or 4, H, W)
+    s = cfg.upscale
+    rgb = upscale_rgb(model, img[:3], tile, tile_overlap, cfg.window_size, s, dev)
+    if img.shape[0] == 4:  # the alpha channel is no face: plain bicubic
+        alpha = F.interpolate(img[None, 3:], scale_factor=s, mode='bicubic')[0].clamp(0, 1)
+        rgb = torch.cat([rgb, alpha])
+    stem = os.path.splitext(os.path.basename(path))[0]
+    degrade.write_image(os.path.join(out_dir, stem + '.png'), rgb)
+    H, W = img.shape[1:]
+    line = f"{os.path.basename(path)} {W}x{H} -> {W * s}x{H * s}"
+    cells = [degrade.upscale_bicubic(degrade.to_uint8(img[:3]), s), degrade.to_uint8(rgb[:3])]
+    score, why = None, ''
+    if gt_dir:
+        gt, why = read_gt(gts, stem, cells[1].shape)
+        if gt is not None:
+            score = (os.path.basename(path), degrade.psnr(cells[1], gt), degrade.ssim(cells[1], gt))
+            line += f"  PSNR {score[1]:.2f} dB  SSIM {score[2]:.4f}"
+            cells.append(gt)
+    if compare:
+        degrade.write_image(os.path.join(out_dir, 'compare', stem + '.png'), torch.cat(cells, 2))
+    return line, cells, score, why
 
 
 if __name__ == '__main__':
     inputs, config = degrade.configure(globals())
     print(config)
+    arch = check_settings(config)
     paths = gather(inputs)
     dev = degrade.pick_device(device)
-    model, cfg = load_model({k: config[k] for k in _ARCH if config[k] is not None}, dev)
-    s, win = cfg.upscale, cfg.window_size
-    gts = {os.path.splitext(os.path.basename(p))[0]: p for p in degrade.list_images(gt_dir)} if gt_dir else {}
-    os.makedirs(os.path.join(out_dir, 'compare') if compare else out_dir, exist_ok=True)
+    model, cfg = load_model(arch, dev)
+    gts = {os.path.splitext(os.path.basename(p))[0]: p for p in degrade.list_images(gt_dir)
+           } if gt_dir else {}
+    make_out_dir()
     problems, scores, rows, seen = [], [], [], set()
     for i, path in enumerate(paths, 1):
         name = os.path.basename(path)
-        stem = os.path.splitext(name)[0]
-        if stem in seen:
-            print(f"skipped {path}: an earlier input has the same stem {stem!r}")
-            problems.append(name)
-            continue
-        seen.add(stem)
         t0 = time.time()
         try:
-            img = degrade.read_image(path)  # (3 or 4, H, W)
-            rgb = upscale_rgb(model, img[:3], tile, tile_overlap, win, s, dev)
-        except (ValueError, RuntimeError) as e:
-            print(f"skipped {path}: {str(e).splitlines()[0]}")
+            if os.path.splitext(name)[0] in seen:
+                raise ValueError(f"an earlier input has the same stem {os.path.splitext(name)[0]!r}")
+            seen.add(os.path.splitext(name)[0])
+            line, cells, score, why = restore_one(path, model, cfg, dev, gts)
+        except (ValueError, RuntimeError, OSError) as e:  # unreadable, too big, disk full: go on
+            print(f"skipped {path}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}")
             problems.append(name)
             continue
-        if img.shape[0] == 4:  # the alpha channel is no face: plain bicubic
-            rgb = torch.cat([rgb, F.interpolate(img[None, 3:], scale_factor=s, mode='bicubic')[0].clamp(0, 1)])
-        degrade.write_image(os.path.join(out_dir, stem + '.png'), rgb)
-        H, W = img.shape[1:]
-        line = f"[{i}/{len(paths)}] {name} {W}x{H} -> {W * s}x{H * s} in {time.time() - t0:.2f}s"
-        cells = [degrade.upscale_bicubic(degrade.to_uint8(img[:3]), s), degrade.to_uint8(rgb[:3])]
+        print(f"[{i}/{len(paths)}] {line} in {time.time() - t0:.2f}s" + (why and f"  (not scored: {why})"))
+        problems += [name] if why else []
+        scores += [score] if score else []
+        rows += [grid_row(cells, os.path.splitext(name)[0], compare_height)] if compare else []
+    try:
         if gt_dir:
-            gt, why = read_gt(gts, stem, cells[1].shape)
-            if gt is None:
-                line += f"  (not scored: {why})"
-                problems.append(name)
-            else:
-                scores.append((name, degrade.psnr(cells[1], gt), degrade.ssim(cells[1], gt)))
-                line += f"  PSNR {scores[-1][1]:.2f} dB  SSIM {scores[-1][2]:.4f}"
-                cells.append(gt)
-        print(line)
-        if compare:
-            degrade.write_image(os.path.join(out_dir, 'compare', stem + '.png'), torch.cat(cells, dim=2))
-            rows.append(grid_row(cells, stem, compare_height))
-    if gt_dir:
-        write_csv(os.path.join(out_dir, 'metrics.csv'), scores)
+            write_csv(os.path.join(out_dir, 'metrics.csv'), scores)
         if scores:
-            print(f"mean over {len(scores)} images: PSNR {sum(r[1] for r in scores) / len(scores):.2f} dB  "
-                  f"SSIM {sum(r[2] for r in scores) / len(scores):.4f}  -> {os.path.join(out_dir, 'metrics.csv')}")
-    if rows:
-        write_grid(os.path.join(out_dir, 'compare_grid.png'), rows)
+            print(f"mean over {len(scores)} images: PSNR {mean(scores, 1):.2f} dB  "
+                  f"SSIM {mean(scores, 2):.4f}  -> {os.path.join(out_dir, 'metrics.csv')}")
+        if rows:
+            write_grid(os.path.join(out_dir, 'compare_grid.png'), rows)
+    except OSError as e:
+        raise SystemExit(f"error: --out_dir={out_dir}: cannot write ({e})")
     if problems:
-        raise SystemExit(f"{len(problems)} of {len(paths)} not done or not scored: {', '.join(problems)}")
+        raise SystemExit(f"{len(problems)} of {len(paths)} not done or not scored: "
+                         f"{', '.join(problems)}")

@@ -930,15 +930,24 @@ def test_interpolate_bad_inputs_write_nothing(pair, monkeypatch):
 # ---------------------------------------------------------------- train.py
 
 TRAIN = os.path.join(HERE, 'train.py')
-TRAIN_TINY = ['--gt_size=64', '--patch_size=8', '--embed_dim=12', '--depths=[2]', '--num_heads=[2]', '--window_size=4',
-        '--batch_size=2', '--pool_size=4', '--log_interval=1']
+TRAIN_TINY = ['--gt_size=64', '--patch_size=8', '--embed_dim=12', '--depths=[2]', '--num_heads=[2]',
+              '--window_size=4', '--batch_size=2', '--pool_size=4', '--refill_size=2',
+              '--refill_every=1', '--log_interval=1']
 
 ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only cost, on a shared CPU a lot
 
 
+def with_model_file(args):
+    """--model_file inside --out_dir unless given: tests never write psnr.pt into the repository."""
+    if any(a.startswith('--model_file=') for a in args):
+        return list(args)
+    out = next(a.split('=', 1)[1] for a in args if a.startswith('--out_dir='))
+    return [*args, f'--model_file={os.path.join(out, "model.pt")}']
+
+
 def train(*args):
     """Run train.py in this process (it is a script: its settings live in a fresh namespace each time)."""
-    argv, sys.argv, threads = sys.argv, [TRAIN, *args], torch.get_num_threads()
+    argv, sys.argv, threads = sys.argv, [TRAIN, *with_model_file(args)], torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         run_path(TRAIN, run_name='__main__')
@@ -993,7 +1002,7 @@ def vgg_file(tmp_path_factory):
 def psnr_ckpt(data, tmp_path_factory):
     out = tmp_path_factory.mktemp('psnr')
     train(*data, *TRAIN_TINY, '--max_iters=4', '--eval_interval=2', f'--out_dir={out}')
-    return str(out / 'best.pt')
+    return str(out / 'model.pt')
 
 
 def load(path):
@@ -1013,7 +1022,10 @@ def test_psnr_steps_lower_the_loss_on_a_fixed_batch(data, tmp_path, capsys):
             'config', 'resume'} <= set(ckpt) and ckpt['iter'] == 30 and ckpt['disc'] is None
     assert ckpt['model_args']['embed_dim'] == 12 and ckpt['config']['max_iters'] == 30
     val = [r['val_psnr'] for r in records(tmp_path) if 'val_psnr' in r]
-    assert load(tmp_path / 'best.pt')['best_psnr'] == max(val) and 'resume' not in load(tmp_path / 'best.pt')
+    small = load(tmp_path / 'model.pt')  # the best EMA weights only, for --init/interpolate/sample
+    assert small['val_psnr'] == max(val) and set(small) == {'model', 'model_args', 'iter', 'val_psnr', 'config'}
+    best_iter = next(r['iter'] for r in records(tmp_path) if r.get('val_psnr') == max(val))
+    assert small['iter'] == best_iter and small['model'].keys() == ckpt['ema'].keys()
     for name in ('grid.png', 'curves.png'):
         assert Image.open(tmp_path / name).size[0] > 0
     assert Image.open(tmp_path / 'grid.png').size == (3 * 64, 3 * 64)
@@ -1021,13 +1033,13 @@ def test_psnr_steps_lower_the_loss_on_a_fixed_batch(data, tmp_path, capsys):
 
 def test_gan_from_psnr_init_updates_g_and_d(data, psnr_ckpt, vgg_file, tmp_path, capsys):
     # no model flags: --init's architecture (embed_dim 12) wins over the seed defaults
-    gan = [*data, *TRAIN_TINY[:2], '--batch_size=2', '--pool_size=4', '--mode=gan', f'--init={psnr_ckpt}',
-           f'--vgg_path={vgg_file}', '--eval_interval=100']
+    gan = [*data, *TRAIN_TINY[:2], '--batch_size=2', '--pool_size=4', '--refill_size=2', '--mode=gan',
+           f'--init={psnr_ckpt}', f'--vgg_path={vgg_file}', '--eval_interval=100']
     train(*gan, '--max_iters=0', f'--out_dir={tmp_path / "g0"}')
     train(*gan, '--max_iters=2', '--log_interval=1', f'--out_dir={tmp_path / "g2"}')
     assert 'the architecture comes from' in capsys.readouterr().out
     psnr, g0, g2 = load(psnr_ckpt), load(tmp_path / 'g0' / 'ckpt.pt'), load(tmp_path / 'g2' / 'ckpt.pt')
-    assert all(torch.equal(psnr['ema'][k], g0['model'][k]) for k in psnr['ema'])  # G starts from the EMA
+    assert all(torch.equal(psnr['model'][k], g0['model'][k]) for k in psnr['model'])  # G starts from the EMA
     assert g2['model_args']['embed_dim'] == 12 and g2['disc_args']['num_feat'] == 24
     for part in ('model', 'disc'):
         assert g0[part].keys() == g2[part].keys()
@@ -1042,7 +1054,7 @@ def test_resume_after_kill_equals_uninterrupted(data, tmp_path):
     # GAN mode: covers G, D (spectral-norm buffers), both Adams, the EMA, the pool and every RNG stream
     # (VGG is frozen and stateless: left out to keep the three runs quick)
     args = [*data, *TRAIN_TINY, '--mode=gan', '--perceptual_weight=0', '--max_iters=6', '--eval_interval=3',
-            '--refill_every=2']
+            '--refill_every=2', f'--model_file={tmp_path / "model.pt"}']
     run = TRAIN
     pytest.importorskip('runpy')  # the killer script below runs train.py with it
     subprocess.run([sys.executable, run, *args, f'--out_dir={tmp_path / "a"}'], check=True, capture_output=True,
@@ -1070,7 +1082,8 @@ def test_resume_after_kill_equals_uninterrupted(data, tmp_path):
 def test_two_process_gloo_run_ends_with_identical_weights(data, tmp_path):
     out = tmp_path / 'ddp'
     r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        TRAIN, *data, *TRAIN_TINY, '--max_iters=3', '--eval_interval=3', f'--out_dir={out}'],
+                        TRAIN, *data, *TRAIN_TINY, '--max_iters=3', '--eval_interval=3', f'--out_dir={out}',
+                        f'--model_file={tmp_path / "model.pt"}'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1000:]
     sums = dict(re.findall(r'rank (\d): weights checksum ([0-9a-f]{16})', r.stdout))
@@ -1131,23 +1144,27 @@ def test_override_parser_rejects_unknown_keys_and_wrong_types(data, tmp_path):
 
 
 def test_non_finite_step_is_skipped_and_reported(data, tmp_path, capsys, monkeypatch):
-    guarded_step = run_path(TRAIN)['guarded_step']  # the __main__ guard keeps it from training
+    step = run_path(TRAIN)['step']  # the __main__ guard keeps it from training
     net = torch.nn.Linear(3, 2)
-    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
 
-    def step(scale):
+    def state():
+        return [t.clone() for t in [*net.parameters(), *(v for s in opt.state.values() for v in s.values())]]
+
+    def try_step(scale):
         net(torch.ones(1, 3)).sum().mul(scale).backward()
-        before = [t.clone() for t in [*net.parameters(), *(v for s in opt.state.values() for v in s.values())]]
-        return guarded_step(opt, net), before
+        before = state()
+        return step(opt, net), before
 
-    ok, before = step(float('nan'))  # a first step: its new moments roll back to zeros
-    assert not ok and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert all(torch.count_nonzero(s['exp_avg']) == 0 for s in opt.state.values())
-    ok, before = step(1.0)
-    assert ok and not torch.equal(before[0], net.weight)
-    ok, before = step(float('inf'))
-    after = [*net.parameters(), *(v for s in opt.state.values() for v in s.values())]
-    assert not ok and all(torch.equal(a, b) for a, b in zip(before, after) if a.dim())  # all but the step count
+    ok, before = try_step(float('nan'))  # a first step: moments and step count stay zero
+    assert ok == 0 and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert all(torch.count_nonzero(s['exp_avg']) == 0 and s['step'] == 0 for s in opt.state.values())
+    ok, before = try_step(1.0)
+    assert ok == 1 and not torch.equal(before[0], net.weight)
+    ok, before = try_step(float('inf'))
+    after = state()
+    assert ok == 0 and len(before) == len(after) == 8  # 2 weights, each with step, exp_avg, exp_avg_sq
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # the step count too
     mse, calls = torch.nn.functional.mse_loss, [0]
 
     def nan_at_third(a, b):
