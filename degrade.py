@@ -108,8 +108,8 @@ def _full_float32():
     CPU) whatever the caller allowed, e.g. train.py's TF32 for its networks; restored on exit."""
     b = torch.backends
     if hasattr(b.mkldnn, 'matmul'):  # torch >= 2.9: a precision per backend, the CPU's included
-        flags = [(b.cuda.matmul, 'fp32_precision', 'ieee'), (b.cudnn.conv, 'fp32_precision', 'ieee'),
-                 (b.mkldnn.matmul, 'fp32_precision', 'ieee')]
+        backends = (b.cuda.matmul, b.cudnn.conv, b.mkldnn.matmul)
+        flags = [(obj, 'fp32_precision', 'ieee') for obj in backends]
     else:
         flags = [(b.cuda.matmul, 'allow_tf32', False), (b.cudnn, 'allow_tf32', False)]
     saved = [getattr(obj, name) for obj, name, _ in flags]
@@ -226,7 +226,7 @@ def _resize(img, n_in, n_out, rs, mode, out_hw):
     B, C, H, W = img.shape
     m = mode.view(-1, 1, 1)
 
-    def matrix(ni, no, rs, rows, cols):  # (B,rows,cols) for one axis; rows from no on are zero
+    def matrix(ni, no, ratio, rows, cols):  # (B,rows,cols) for one axis; rows from no on are 0
         o = torch.arange(rows, device=img.device)[None, :, None]
         ni, no = ni.view(-1, 1, 1), no.view(-1, 1, 1)
         # area = adaptive average pooling: weight w over [start, end), a running sum of +w and -w
@@ -235,7 +235,7 @@ def _resize(img, n_in, n_out, rs, mode, out_hw):
         area = torch.zeros(B, rows, cols + 1, device=img.device).scatter_add_(
             2, torch.cat([start, end], 2).clamp(max=cols), torch.cat([w, -w], 2)).cumsum(2)
         # bilinear / bicubic: 4 taps around the source coordinate, cubic with torch's A = -0.75
-        src = rs.view(-1, 1, 1).float() * (o + 0.5) - 0.5
+        src = ratio.view(-1, 1, 1).float() * (o + 0.5) - 0.5
         src = torch.where(m == 2, src, src.clamp_min(0))  # linear clamps negative ones, cubic not
         t = src - src.floor()
         near = lambda x: (1.25 * x - 2.25) * x * x + 1  # |x| <= 1
@@ -476,8 +476,10 @@ def _bench(dev, folder):
     else:
         noise = torch.rand(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
         gt = F.interpolate(noise, size=(512, 512), mode='bicubic').clamp(0, 1)
-    gt, g, o = gt.to(dev), torch.Generator(dev).manual_seed(seed), _options({})
+    gt = gt.to(dev)
     hw = gt.shape[2:]
+    g = torch.Generator(dev).manual_seed(seed)
+    o = _options({})
     sync = getattr(torch, dev.type).synchronize if dev.type in ('cuda', 'mps') else lambda: None
     times = {}
     rounds = 5

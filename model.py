@@ -42,13 +42,12 @@ class SwinIRConfig:
 
 
 class WindowPlan:
-    """Token orders and the shift mask for a batch of B padded HxW images, built once per size.
-    Order s (0 or the shift) lists the tokens window after window of the image rolled by -s (the
-    official cyclic shift), window-major: (window, image, token), so that a group of windows is one
-    slice of the stream. idx[a, b] re-orders a (B*H*W, C) stream from order a to order b (None: the
-    image's row-major order) in one gather. The windows of the last row and column, the only ones
-    whose shift mask is not all zero, come last; mask is theirs: (M, 1, N, N) bool, M = B * their
-    number, True where the official SW-MSA mask adds -100 (tokens from different regions)."""
+    """Token orders and the shift mask for B padded HxW images, built once per size. Order s (0 or
+    the shift) lists each image's tokens window after window of the image rolled by -s (the
+    official cyclic shift); idx[a, b] re-orders a (B*H*W, C) stream from order a to order b (None:
+    row-major image order) in one gather. The n_inner windows whose shift mask is all zero come
+    first; mask is that of the others (the last row and column of windows): (M, 1, N, N) bool, True
+    where the official SW-MSA mask adds -100 (tokens from different regions)."""
 
     def __init__(self, B, H, W, ws, shift, device):
         nh, nw = H // ws, W // ws
@@ -56,11 +55,12 @@ class WindowPlan:
         w = torch.arange(W, device=device).view(1, nw, 1, ws)
         border = (h[:, :, 0, 0] == H - ws) | (w[:, :, 0, 0] == W - ws)  # (nh, nw) windows
         windows = torch.argsort(border.view(-1).long(), stable=True)  # border windows last
-        images = (torch.arange(B, device=device) * H * W).view(1, B, 1)
+        self.n_inner = (nh - 1) * (nw - 1)
+        images = torch.arange(B, device=device).view(B, 1, 1) * (H * W)
         perm, inv = {}, {}
         for s in {0, shift}:
             src = (((h + s) % H) * W + (w + s) % W).view(nh * nw, ws * ws)  # image index of a token
-            perm[s] = (src[windows][:, None] + images).view(-1)  # (nW, B, N) flattened
+            perm[s] = (images + src[windows]).view(-1)  # (B, nW, N) flattened
             inv[s] = torch.argsort(perm[s])
         orders = [None, 0, shift]
         self.idx = {(a, b): perm[b] if a is None else inv[a] if b is None else inv[a][perm[b]]
@@ -69,11 +69,9 @@ class WindowPlan:
         if shift:
             def region(x, n):  # the official slices of the rolled image: 0, -ws, -shift
                 return (x >= n - ws).long() + (x >= n - shift).long()
-            n_border = int(border.sum())
             lab = (region(h, H) * 3 + region(w, W)).expand(nh, nw, ws, ws).reshape(nh * nw, -1)
-            lab = lab[windows[-n_border:]]  # (n_border, N)
-            mask = (lab[:, :, None] != lab[:, None, :])[:, None]  # (n_border, 1, N, N)
-            self.mask = mask.expand(-1, B, -1, -1).reshape(-1, 1, ws * ws, ws * ws)
+            lab = lab[windows[self.n_inner:]]  # (M, N)
+            self.mask = (lab[:, :, None] != lab[:, None, :])[:, None]
 
 
 class WindowAttention(nn.Module):
@@ -90,28 +88,26 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, mask=None):
-        """x (nW*N, C): normalised tokens, window after window; mask: None, or the plan's (M, 1, N, N)
-        shift mask of the last M windows."""
+    def forward(self, x, plan=None):
+        """x (B*nW*N, C): normalised tokens, image after image, window after window. plan: None, or
+        the WindowPlan whose shift mask goes with the bias (the shifted blocks)."""
         T, C = x.shape
         N, nH = self.relative_position_index.shape[-1], self.num_heads
         hd, pad = C // nH, -(C // nH) % 8
-        qkv = self.qkv(x).view(T // N, N, 3, nH, hd)
+        qkv = self.qkv(x).view(-1, N, 3, nH, hd).permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd)
         if pad:  # the fused GPU kernels need a head size that is a multiple of 8 (13 -> 16 in the
             qkv = F.pad(qkv, (0, pad))  # seed model): zeros leave the scores and outputs as they are
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, nW, nH, N, hd + pad)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(0, 3, 1, 2)
         # (1, nH, N, N) in the compute dtype (autocast's), last stride 1 as SDPA's fused kernels need
         bias = bias.to(qkv.dtype, memory_format=torch.contiguous_format)
-        attend = partial(F.scaled_dot_product_attention, scale=hd ** -0.5)
-        if mask is None:
-            y = attend(*qkv, attn_mask=bias)
-        else:  # the last M windows get the shift mask, the others need none
-            i = qkv.shape[1] - mask.shape[0]
-            y = attend(*qkv[:, i:], attn_mask=torch.add(bias, mask, alpha=-100))
-            if i:
-                y = torch.cat([attend(*qkv[:, :i], attn_mask=bias), y])
-        return self.proj(y[..., :hd].transpose(1, 2).reshape(T, C))  # (nW, N, nH, hd) -> tokens
+        if plan is not None:  # a mask per window: an image's windows side by side as heads, (B,
+            # nW*nH, N, hd), so that one (1, nW*nH, N, N) mask serves the whole batch
+            masked = torch.add(bias, plan.mask, alpha=-100)  # (M, nH, N, N): the border windows
+            bias = torch.cat([bias.expand(plan.n_inner, -1, -1, -1), masked]).view(1, -1, N, N)
+            qkv = qkv.reshape(3, -1, bias.shape[1], N, qkv.shape[-1])
+        y = F.scaled_dot_product_attention(*qkv, attn_mask=bias, scale=hd ** -0.5)
+        y = y.unflatten(1, (-1, nH))[..., :hd].transpose(-3, -2)  # (B*nW or B, 1 or nW, N, nH, hd)
+        return self.proj(y.reshape(T, C))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -125,8 +121,8 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
                                              fc2=nn.Linear(hidden, dim)))
 
-    def forward(self, x, mask):  # x (B*H*W, C): tokens in this block's window order
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x, plan):  # x (B*H*W, C): tokens in this block's window order
+        x = x + self.attn(self.norm1(x), plan)
         return x + self.mlp(self.norm2(x))
 
 
@@ -156,7 +152,7 @@ class RSTB(nn.Module):
         y, order = x.view(-1, x.shape[-1]), None  # (B*H*W, C) tokens in image order
         for blk in self.residual_group.blocks:
             y, order = y.index_select(0, plan.idx[order, blk.shift]), blk.shift
-            y = blk(y, plan.mask if blk.shift else None)
+            y = blk(y, plan if blk.shift else None)
         y = y.index_select(0, plan.idx[order, None]).view(x.shape)
         return self.conv(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) + x
 

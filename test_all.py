@@ -387,6 +387,7 @@ def test_degrade_overrides():
     assert degrade.degrade(gt, scale=2)[0].shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match='resize_probb'):
         degrade.degrade(gt, resize_probb=[1, 0, 0])
+    assert set(degrade._VALID) == set(degrade._OPTIONS)  # every option has its valid values
     p = degrade.draw_params(500, generator=torch.Generator().manual_seed(0), resize_prob=[0, 0, 1],
                             jpeg_range=[60, 61])
     assert (p['first']['scale'] == 1).all()

@@ -184,9 +184,6 @@ class Pool:
             state = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         self.entries = {k: v.to(dev) for k, v in state.items()}
 
-    def state_dict(self):
-        return {k: v.cpu() for k, v in self.entries.items()}
-
     def fresh(self, n):
         """n faces cut to gt_size at random, flipped half the time, degraded on the device."""
         cuts = []
@@ -436,13 +433,12 @@ if __name__ == '__main__':
                 degrade.save_atomic(model_file, lambda tmp: torch.save(small, tmp))
                 print(f"iter {it}: {model_file} updated")
                 best = record.get('val_psnr', best)
-            cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == 'cuda' else None
-            rng = {'torch': torch.get_rng_state(), 'data': gen.get_state(),
-                   'degrade': dgen.get_state(), 'cuda': cuda_rng}
+            rng = {'torch': torch.get_rng_state(), 'data': gen.get_state(), 'degrade':
+                   dgen.get_state(), 'cuda': dev.type == 'cuda' and torch.cuda.get_rng_state(dev)}
             ckpt = {**small, 'model': g.state_dict(), 'ema': small['model'], 'best_psnr': best,
                     'disc': d and d.state_dict(), 'disc_args': d and asdict(d.config),
                     'optimizer': opt_g.state_dict(), 'disc_optimizer': opt_d and opt_d.state_dict(),
-                    'resume': {'rng': rng, 'pool': pool.state_dict()}}
+                    'resume': {'rng': rng, 'pool': {k: v.cpu() for k, v in pool.entries.items()}}}
             degrade.save_atomic(ckpt_path, lambda tmp: torch.save(ckpt, tmp))
             log.append(record)
             write_log(log)
