@@ -2,10 +2,9 @@
 The networks: SwinIR (generator, official parameter names), the Real-ESRGAN U-Net discriminator with
 spectral norm, frozen VGG19 features for the perceptual loss, and the checkpoint loader.
 
-    python model.py                                  # parameter counts of the seed networks
-    python model.py --bench                          # SwinIR seed: fwd+bwd 2x3x64x64, infer 1x3x128x128
-    python model.py --bench --ref=/tmp/ref/network_swinir.py  # ... side by side with the official code
-    python model.py --help                           # the settings
+    python model.py                          # parameter counts of the seed networks
+    python model.py --bench                  # SwinIR seed: fwd+bwd 2x3x64x64, infer 1x3x128x128
+    python model.py --bench --ref=/tmp/ref/network_swinir.py  # side by side with the official code
 """
 import ast
 import math
@@ -22,10 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ==== SwinIR ====
-PLANS = 4  # window plans kept per model: the most recently used input sizes
-
-
 @dataclass
 class SwinIRConfig:
     upscale: int = 4
@@ -37,41 +34,32 @@ class SwinIRConfig:
     embed_dim: int = 78
     num_heads: list = field(default_factory=lambda: [6, 6, 6, 6, 6, 6])
     mlp_ratio: float = 2.0
-    upsampler: str = 'pixelshuffledirect'  # or 'pixelshuffle' (classical), 'nearest+conv' (real-world)
+    upsampler: str = 'pixelshuffledirect'  # or 'pixelshuffle', 'nearest+conv' (real-world)
     resi_connection: str = '1conv'  # or '3conv'
 
 
 class WindowPlan:
-    """Token orders and the shift mask for B padded HxW images, built once per size. Order s (0 or
-    the shift) lists each image's tokens window after window of the image rolled by -s (the
-    official cyclic shift); idx[a, b] re-orders a (B*H*W, C) stream from order a to order b (None:
-    row-major image order) in one gather. The n_inner windows whose shift mask is all zero come
-    first; mask is that of the others (the last row and column of windows): (M, 1, N, N) bool, True
-    where the official SW-MSA mask adds -100 (tokens from different regions)."""
-
+    """Token orders and shift mask of B padded HxW images. Order s (0 or the shift) lists tokens
+    window-major, (window, image, token), of the images rolled by -s (official cyclic shift); idx[a,
+    b] re-orders a stream from order a to b (None: the images') in one gather. Windows with no shift
+    mask come first; mask (M, 1, N, N) bool is the last M's (B x last row, column): True at -100."""
     def __init__(self, B, H, W, ws, shift, device):
-        nh, nw = H // ws, W // ws
+        nh, nw, L = H // ws, W // ws, H * W
         h = torch.arange(H, device=device).view(nh, 1, ws, 1)
         w = torch.arange(W, device=device).view(1, nw, 1, ws)
         border = (h[:, :, 0, 0] == H - ws) | (w[:, :, 0, 0] == W - ws)  # (nh, nw) windows
         windows = torch.argsort(border.view(-1).long(), stable=True)  # border windows last
-        self.n_inner = (nh - 1) * (nw - 1)
-        images = torch.arange(B, device=device).view(B, 1, 1) * (H * W)
-        perm, inv = {}, {}
+        perm = {None: torch.arange(B * L, device=device)}  # None: the image's own order
         for s in {0, shift}:
             src = (((h + s) % H) * W + (w + s) % W).view(nh * nw, ws * ws)  # image index of a token
-            perm[s] = (images + src[windows]).view(-1)  # (B, nW, N) flattened
-            inv[s] = torch.argsort(perm[s])
-        orders = [None, 0, shift]
-        self.idx = {(a, b): perm[b] if a is None else inv[a] if b is None else inv[a][perm[b]]
-                    for a in orders for b in orders if a != b}
-        self.mask = None
-        if shift:
-            def region(x, n):  # the official slices of the rolled image: 0, -ws, -shift
-                return (x >= n - ws).long() + (x >= n - shift).long()
-            lab = (region(h, H) * 3 + region(w, W)).expand(nh, nw, ws, ws).reshape(nh * nw, -1)
-            lab = lab[windows[self.n_inner:]]  # (M, N)
-            self.mask = (lab[:, :, None] != lab[:, None, :])[:, None]
+            perm[s] = (src[windows, None] + L * torch.arange(B, device=device)[:, None]).view(-1)
+        inv = {s: torch.argsort(p) for s, p in perm.items()}
+        self.idx = {(a, b): inv[a][perm[b]] for a in perm for b in perm if a != b}
+        # region labels of the official mask: the rolled image cut at -ws and -shift on each axis
+        lab = 3 * (h >= H - ws) + 3 * (h >= H - shift) + (w >= W - ws) + (w >= W - shift)
+        lab = lab.expand(nh, nw, ws, ws).reshape(nh * nw, -1)[windows[(nh - 1) * (nw - 1):]]
+        mask = lab[:, None, :, None] != lab[:, None, None, :]  # (border windows, 1, N, N)
+        self.mask = mask.expand(-1, B, -1, -1).reshape(-1, 1, ws * ws, ws * ws)  # (M, 1, N, N)
 
 
 class WindowAttention(nn.Module):
@@ -81,43 +69,40 @@ class WindowAttention(nn.Module):
         n = 2 * window_size - 1
         self.relative_position_bias_table = nn.Parameter(torch.zeros(n * n, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-        r = torch.arange(window_size)
-        c = torch.stack(torch.meshgrid(r, r, indexing='ij')).flatten(1)  # (2, N) token coordinates
-        d = c[:, :, None] - c[:, None, :] + window_size - 1  # (2, N, N) offsets, shifted to >= 0
+        t = torch.arange(window_size ** 2)  # token t of a window: row t // ws, column t % ws
+        d = [(u[:, None] - u + window_size - 1) for u in (t // window_size, t % window_size)]
         self.register_buffer('relative_position_index', (d[0] * n + d[1])[None], persistent=False)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, plan=None):
-        """x (B*nW*N, C): normalised tokens, image after image, window after window. plan: None, or
-        the WindowPlan whose shift mask goes with the bias (the shifted blocks)."""
-        T, C = x.shape
-        N, nH = self.relative_position_index.shape[-1], self.num_heads
+        """x (B*nW*N, C): tokens image by image, window by window; plan: shifted blocks' mask."""
+        (T, C), N, nH = x.shape, self.relative_position_index.shape[-1], self.num_heads
         hd, pad = C // nH, -(C // nH) % 8
-        qkv = self.qkv(x).view(-1, N, 3, nH, hd).permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd)
-        if pad:  # the fused GPU kernels need a head size that is a multiple of 8 (13 -> 16 in the
-            qkv = F.pad(qkv, (0, pad))  # seed model): zeros leave the scores and outputs as they are
+        qkv = self.qkv(x).view(-1, N, 3, nH, hd)  # (B*nW, N, 3, nH, hd)
+        if pad:  # fused kernels want a head size that is a multiple of 8 (GPU: required; 13 -> 16
+            qkv = F.pad(qkv, (0, pad))  # in the seed model): zeros leave scores and outputs as is
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd + pad)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(0, 3, 1, 2)
-        # (1, nH, N, N) in the compute dtype (autocast's), last stride 1 as SDPA's fused kernels need
-        bias = bias.to(qkv.dtype, memory_format=torch.contiguous_format)
-        if plan is not None:  # a mask per window: an image's windows side by side as heads, (B,
-            # nW*nH, N, hd), so that one (1, nW*nH, N, N) mask serves the whole batch
-            masked = torch.add(bias, plan.mask, alpha=-100)  # (M, nH, N, N): the border windows
-            bias = torch.cat([bias.expand(plan.n_inner, -1, -1, -1), masked]).view(1, -1, N, N)
-            qkv = qkv.reshape(3, -1, bias.shape[1], N, qkv.shape[-1])
-        y = F.scaled_dot_product_attention(*qkv, attn_mask=bias, scale=hd ** -0.5)
-        y = y.unflatten(1, (-1, nH))[..., :hd].transpose(-3, -2)  # (B*nW or B, 1 or nW, N, nH, hd)
-        return self.proj(y.reshape(T, C))
+        bias = bias.to(qkv.dtype, memory_format=torch.contiguous_format)  # autocast's; stride 1
+        attend = partial(F.scaled_dot_product_attention, scale=hd ** -0.5)
+        if plan is None:
+            y = attend(*qkv, attn_mask=bias)
+        else:  # the last M windows get the shift mask too, the others need none
+            i = qkv.shape[1] - plan.mask.shape[0]
+            y = attend(*qkv[:, i:], attn_mask=torch.add(bias, plan.mask, alpha=-100))
+            y = torch.cat([attend(*qkv[:, :i], attn_mask=bias), y]) if i else y
+        return self.proj(y[..., :hd].transpose(1, 2).reshape(T, C))  # (nW*B, N, nH, hd) -> tokens
 
 
 class SwinTransformerBlock(nn.Module):
-    def __init__(self, dim, num_heads, window_size, shift, mlp_ratio):
+    def __init__(self, num_heads, shift, cfg):
         super().__init__()
+        dim, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
         self.shift = shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.attn = WindowAttention(dim, cfg.window_size, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
                                              fc2=nn.Linear(hidden, dim)))
 
@@ -137,16 +122,13 @@ def _resi_conv(dim, kind):
 
 
 class RSTB(nn.Module):
-    """Residual Swin Transformer block: `depth` blocks, a conv, a skip. Official names: the blocks
-    live in `residual_group.blocks`."""
-
-    def __init__(self, dim, depth, num_heads, window_size, mlp_ratio, resi_connection):
+    """Residual Swin Transformer block: `depth` blocks (residual_group.blocks), a conv, a skip."""
+    def __init__(self, depth, num_heads, cfg):
         super().__init__()
-        self.residual_group = nn.Module()
-        self.residual_group.blocks = nn.ModuleList(
-            SwinTransformerBlock(dim, num_heads, window_size, i % 2 * (window_size // 2), mlp_ratio)
-            for i in range(depth))
-        self.conv = _resi_conv(dim, resi_connection)
+        shifts = [i % 2 * (cfg.window_size // 2) for i in range(depth)]  # every other one shifted
+        self.residual_group = nn.ModuleDict({'blocks': nn.ModuleList(
+            SwinTransformerBlock(num_heads, s, cfg) for s in shifts)})
+        self.conv = _resi_conv(cfg.embed_dim, cfg.resi_connection)
 
     def forward(self, x, plan):  # x (B, H, W, C)
         y, order = x.view(-1, x.shape[-1]), None  # (B*H*W, C) tokens in image order
@@ -158,6 +140,8 @@ class RSTB(nn.Module):
 
 
 class SwinIR(nn.Module):
+    PLANS = 4  # window plans kept: the most recently used input sizes
+
     def __init__(self, config=None):
         super().__init__()
         cfg = self.config = config or SwinIRConfig()
@@ -165,57 +149,46 @@ class SwinIR(nn.Module):
         mean = (0.4488, 0.4371, 0.4040) if cfg.in_chans == 3 else (0.0,)
         self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(cfg.in_chans, dim, 3, 1, 1)
-        self.patch_embed = nn.Module()
-        self.patch_embed.norm = nn.LayerNorm(dim)
-        self.layers = nn.ModuleList(RSTB(dim, d, h, cfg.window_size, cfg.mlp_ratio, cfg.resi_connection)
-                                    for d, h in zip(cfg.depths, cfg.num_heads))
+        self.patch_embed = nn.ModuleDict({'norm': nn.LayerNorm(dim)})  # official names
+        self.layers = nn.ModuleList(RSTB(d, h, cfg) for d, h in zip(cfg.depths, cfg.num_heads))
         self.norm = nn.LayerNorm(dim)
         self.conv_after_body = _resi_conv(dim, cfg.resi_connection)
+        steps = [3] if cfg.upscale == 3 else [2] * (cfg.upscale.bit_length() - 1)  # pixelshuffle
+        if not {'pixelshuffledirect': True, 'nearest+conv': cfg.upscale == 4,
+                'pixelshuffle': cfg.upscale in (3, 2 ** len(steps))}.get(cfg.upsampler):
+            raise ValueError(f"upsampler {cfg.upsampler!r}, upscale {cfg.upscale}: expected "
+                             "pixelshuffledirect, pixelshuffle (2^n or 3) or nearest+conv (4)")
         if cfg.upsampler == 'pixelshuffledirect':
             self.upsample = nn.Sequential(nn.Conv2d(dim, cfg.upscale ** 2 * out_ch, 3, 1, 1),
                                           nn.PixelShuffle(cfg.upscale))
-        elif cfg.upsampler in ('pixelshuffle', 'nearest+conv'):
+        else:
             self.conv_before_upsample = nn.Sequential(nn.Conv2d(dim, num_feat, 3, 1, 1),
                                                       nn.LeakyReLU(inplace=True))
             if cfg.upsampler == 'pixelshuffle':
-                steps = [3] if cfg.upscale == 3 else [2] * (cfg.upscale.bit_length() - 1)
-                if 2 ** len(steps) != cfg.upscale != 3:
-                    raise ValueError(f"upscale: pixelshuffle supports 2^n and 3, got {cfg.upscale}")
                 self.upsample = nn.Sequential(*[m for s in steps for m in (
                     nn.Conv2d(num_feat, s * s * num_feat, 3, 1, 1), nn.PixelShuffle(s))])
             else:
-                if cfg.upscale != 4:
-                    raise ValueError(f"upscale: nearest+conv supports only 4, got {cfg.upscale}")
                 self.conv_up1 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
                 self.conv_up2 = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
                 self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
             self.conv_last = nn.Conv2d(num_feat, out_ch, 3, 1, 1)
-        else:
-            raise ValueError("upsampler: expected pixelshuffledirect, pixelshuffle or nearest+conv, "
-                             f"got {cfg.upsampler!r}")
-        self.apply(self._init_weights)
-        self._plans = {}  # (B, H, W, device) -> WindowPlan, the PLANS most recently used
+        for m in self.modules():  # official init
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self._plans = {}  # (B, H, W, device) -> WindowPlan, the most recently used last
 
-    @staticmethod
-    def _init_weights(m):  # official init
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-
-    @torch.compiler.disable  # built and looked up eagerly: a compiled forward has no guard on it
+    @torch.compiler.disable  # cached plans, built and looked up eagerly: no guard when compiled
     def plan(self, B, H, W, device):
-        """The WindowPlan of B padded HxW images on device, from the cache of recent sizes."""
-        key = (B, H, W, str(device))
-        ws = self.config.window_size
+        key, ws = (B, H, W, str(device)), self.config.window_size
         plan = self._plans.pop(key, None) or WindowPlan(B, H, W, ws, ws // 2, device)
         self._plans[key] = plan  # the most recent last
-        if len(self._plans) > PLANS:
+        if len(self._plans) > self.PLANS:
             del self._plans[next(iter(self._plans))]
         return plan
 
     def forward(self, x):
-        cfg = self.config
-        B, _, H, W = x.shape
+        (B, _, H, W), cfg = x.shape, self.config
         ph, pw = -H % cfg.window_size, -W % cfg.window_size
         plan = self.plan(B, H + ph, W + pw, x.device)
         if ph or pw:  # official: reflect-pad to a window multiple, crop the output
@@ -240,14 +213,12 @@ class SwinIR(nn.Module):
 
 
 # ==== checkpoints ====
-DERIVED = ('relative_position_index', 'attn_mask')  # official buffers rebuilt from the config
 TABLE0 = 'layers.0.residual_group.blocks.0.attn.relative_position_bias_table'
 
 
 def extract_state_dict(obj):
     """Our checkpoint ('ema', then 'model'; 'model_args'), an official file ('params_ema', then
-    'params') or a plain state dict -> (state_dict without 'module.'/'_orig_mod.' prefixes,
-    model_args or None)."""
+    'params') or a plain state dict -> (state dict minus module./_orig_mod., model_args or None)."""
     if not isinstance(obj, dict):
         raise ValueError(f"expected a dict, got {type(obj).__name__}")
     sd = next((obj[k] for k in ('ema', 'model', 'params_ema', 'params')
@@ -262,17 +233,12 @@ def extract_state_dict(obj):
 
 
 def infer_config(sd):
-    """The SwinIRConfig that a SwinIR state dict's key shapes describe (img_size, img_range:
-    defaults)."""
+    """The SwinIRConfig that a state dict's key shapes describe (img_size, img_range: defaults)."""
     try:
         dim, in_chans = sd['conv_first.weight'].shape[:2]
-        depths, heads, i = [], [], 0
-        while TABLE0.replace('layers.0', f'layers.{i}') in sd:
-            tables = [t for k, t in sd.items() if k.startswith(f'layers.{i}.residual_group.blocks.')
-                      and k.endswith('.attn.relative_position_bias_table')]
-            depths.append(len(tables))
-            heads.append(tables[0].shape[1])
-            i += 1
+        layer = [k.split('.')[1] for k in sd if k.endswith('.attn.relative_position_bias_table')]
+        depths = [layer.count(str(i)) for i in range(len(set(layer)))]  # tables per layer
+        heads = [sd[TABLE0.replace('layers.0', f'layers.{i}')].shape[1] for i in range(len(depths))]
         ws = (math.isqrt(sd[TABLE0].shape[0]) + 1) // 2
         mlp_ratio = sd['layers.0.residual_group.blocks.0.mlp.fc1.weight'].shape[0] / dim
         resi = '1conv' if 'conv_after_body.weight' in sd else '3conv'
@@ -284,7 +250,7 @@ def infer_config(sd):
             upsampler, upscale = 'pixelshuffle', math.prod(math.isqrt(u) for u in ups)
         else:
             upsampler = 'pixelshuffledirect'
-            upscale = math.isqrt(sd['upsample.0.weight'].shape[0] // in_chans)
+            upscale = math.isqrt(len(sd['upsample.0.weight']) // in_chans)
     except (KeyError, IndexError) as e:
         raise ValueError(f"not a SwinIR state dict (no {e})") from None
     return SwinIRConfig(upscale=upscale, in_chans=int(in_chans), window_size=ws, depths=depths,
@@ -293,19 +259,16 @@ def infer_config(sd):
 
 
 def _mismatch(name, sd, expected):
-    """One line per problem: missing / unexpected / wrong-shape keys (first few of each) + a config
-    that fits."""
-    def few(keys):
-        return ', '.join(keys[:5]) + (f', ... ({len(keys)} in all)' if len(keys) > 5 else '')
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
+    """A line per problem: missing, unexpected, wrong-shape keys (a few each); a config to fit."""
+    missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
     shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(t.shape)}' for k, t in expected.items()
               if k in sd and sd[k].shape != t.shape]
-    lines = [f"{name}: the weights do not fit the SwinIR config"]
-    lines += [f"  {what} ({len(ks)}): {few(ks)}" for what, ks in (
-        ('missing', missing), ('unexpected', unexpected), ('wrong shape file vs model', shapes)) if ks]
+    found = ('missing', missing), ('unexpected', unexpected), ('wrong shape file vs model', shapes)
     if not (missing or unexpected or shapes):
         return None
+    lines = [f"{name}: the weights do not fit the SwinIR config"]
+    lines += [f"  {what} ({len(ks)}): {', '.join(ks[:5])}{', ...' if len(ks) > 5 else ''}"
+              for what, ks in found if ks]
     try:
         lines.append(f"  a config that would fit: {asdict(infer_config(sd))}")
     except ValueError as e:
@@ -314,32 +277,28 @@ def _mismatch(name, sd, expected):
 
 
 def load_torch_file(path, what):
-    """torch.load(path, weights_only=True) on the CPU; any failure -> ValueError, one line naming
-    path."""
+    """torch.load(path, weights_only=True) on the CPU; any failure -> ValueError, one line."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         # torch's unpickling message is a page of advice about weights_only=False, beside the point
-        why = '' if isinstance(e, pickle.UnpicklingError) else ': ' + (
-            str(e).strip().splitlines() or [''])[0]
+        why = '' if isinstance(e, pickle.UnpicklingError) else ': ' + str(e).strip().split('\n')[0]
         raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}{why})") from None
 
 
-def load_generator(path_or_obj, config=None):
+def load_generator(ckpt, config=None):
     """Checkpoint path or loaded dict -> (SwinIR in eval mode, SwinIRConfig). Config: model_args in
-    the file, else `config`, else inferred from the key shapes. Any problem -> ValueError starting
-    with the path."""
-    name = path_or_obj if isinstance(path_or_obj, str) else '<checkpoint>'
-    what = 'a SwinIR checkpoint'
-    obj = load_torch_file(path_or_obj, what) if isinstance(path_or_obj, str) else path_or_obj
+    the file, else `config`, else inferred from the key shapes. Problems: ValueError, path first."""
+    name = ckpt if isinstance(ckpt, str) else '<checkpoint>'
+    obj = load_torch_file(name, 'a SwinIR checkpoint') if isinstance(ckpt, str) else ckpt
     try:
         sd, args = extract_state_dict(obj)
     except ValueError as e:
-        raise ValueError(f"{name}: cannot read {what} ({e})") from None
-    sd = {k: t for k, t in sd.items() if not k.endswith(DERIVED)}
+        raise ValueError(f"{name}: cannot read a SwinIR checkpoint ({e})") from None
+    sd = {k: t for k, t in sd.items() if not k.endswith(('relative_position_index', 'attn_mask'))}
     try:
         cfg = config if args is None else args
-        cfg = infer_config(sd) if cfg is None else cfg if isinstance(cfg, SwinIRConfig) else (
+        cfg = cfg if isinstance(cfg, SwinIRConfig) else infer_config(sd) if cfg is None else (
             SwinIRConfig(**cfg))
         model = SwinIR(cfg)
     except (TypeError, ValueError) as e:
@@ -352,8 +311,6 @@ def load_generator(path_or_obj, config=None):
 
 
 # ==== U-Net discriminator with spectral norm (Real-ESRGAN) ====
-
-
 @dataclass
 class UNetConfig:
     num_in_ch: int = 3
@@ -363,7 +320,6 @@ class UNetConfig:
 
 class UNetDiscriminatorSN(nn.Module):
     """Per-pixel real/fake logits (B, 1, H, W); H and W must be multiples of 8."""
-
     def __init__(self, config=None):
         super().__init__()
         cfg = self.config = config or UNetConfig()
@@ -378,68 +334,54 @@ class UNetDiscriminatorSN(nn.Module):
     def forward(self, x):
         act = partial(F.leaky_relu, negative_slope=0.2)
         up = partial(F.interpolate, scale_factor=2, mode='bilinear', align_corners=False)
-        skip = self.config.skip_connection
         x0 = act(self.conv0(x))
         x1 = act(self.conv1(x0))
         x2 = act(self.conv2(x1))
-        x3 = act(self.conv3(x2))
-        x4 = act(self.conv4(up(x3))) + (x2 if skip else 0)
-        x5 = act(self.conv5(up(x4))) + (x1 if skip else 0)
-        x6 = act(self.conv6(up(x5))) + (x0 if skip else 0)
-        return self.conv9(act(self.conv8(act(self.conv7(x6)))))
+        x = act(self.conv3(x2))
+        for conv, skip in ((self.conv4, x2), (self.conv5, x1), (self.conv6, x0)):  # back up
+            x = act(conv(up(x))) + (skip if self.config.skip_connection else 0)
+        return self.conv9(act(self.conv8(act(self.conv7(x)))))
 
 
 # ==== VGG19 features for the perceptual loss ====
 VGG_FILE = 'vgg19-dcbb9e9d.pth'  # torchvision's vgg19 ImageNet weights
 VGG_URL = 'https://download.pytorch.org/models/' + VGG_FILE
-VGG_TAPS = (2, 7, 16, 25, 34)  # conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 in torchvision's features
+VGG_TAPS = (2, 7, 16, 25, 34)  # conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 in vgg19's features
 
 
 def _vgg_state_dict(weights_path):
-    """weights_path, else torch hub's cache, else torch hub's download; one clear error otherwise."""
-    if weights_path:
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"{weights_path}: VGG19 weights file not found")
-        path = weights_path
-    else:
-        path = os.path.join(torch.hub.get_dir(), 'checkpoints', VGG_FILE)
-        if not os.path.isfile(path):
-            try:
-                return torch.hub.load_state_dict_from_url(VGG_URL, progress=False, weights_only=True)
-            except Exception as e:
-                raise FileNotFoundError(
-                    f"VGG19 weights not found and the download failed ({type(e).__name__}): put "
-                    f"torchvision's {VGG_FILE} ({VGG_URL}) at {path} or pass its path, or train "
-                    "with --perceptual_weight=0") from None
+    """weights_path, else torch hub's cache, else its download; one clear error otherwise."""
+    path = weights_path or os.path.join(torch.hub.get_dir(), 'checkpoints', VGG_FILE)
+    if weights_path and not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: VGG19 weights file not found")
+    if not os.path.isfile(path):
+        try:
+            return torch.hub.load_state_dict_from_url(VGG_URL, progress=False, weights_only=True)
+        except Exception as e:
+            raise FileNotFoundError(f"VGG19 weights not found ({type(e).__name__} downloading): "
+                                    f"put torchvision's {VGG_FILE} ({VGG_URL}) at {path} or pass "
+                                    "its path, or train with --perceptual_weight=0") from None
     return load_torch_file(path, 'VGG19 weights')
 
 
 class VGGFeatures(nn.Module):
-    """Frozen VGG19: x in [0,1] (B,3,H,W) -> [conv1_2, conv2_2, conv3_4, conv4_4, conv5_4] before
-    ReLU."""
-
+    """Frozen VGG19: x in [0,1] (B,3,H,W) -> [conv1_2, ..., conv5_4] (VGG_TAPS), before ReLU."""
     def __init__(self, weights_path=''):
         super().__init__()
         layers, c_in = [], 3
-        for block, (n, c) in enumerate([(2, 64), (2, 128), (4, 256), (4, 512), (4, 512)]):
-            if block:
-                layers.append(nn.MaxPool2d(2, 2))
-            for _ in range(n):
-                layers += [nn.Conv2d(c_in, c, 3, 1, 1), nn.ReLU()]
-                c_in = c
+        for c in [64, 64, 0, 128, 128, 0] + [256] * 4 + [0] + [512] * 4 + [0] + [512] * 4:
+            layers += [nn.Conv2d(c_in, c, 3, 1, 1), nn.ReLU()] if c else [nn.MaxPool2d(2, 2)]  # 0
+            c_in = c or c_in
         self.features = nn.Sequential(*layers[:VGG_TAPS[-1] + 1])
         sd = {k: t for k, t in _vgg_state_dict(weights_path).items()
               if k.startswith('features.') and int(k.split('.')[1]) <= VGG_TAPS[-1]}
         try:
             self.features.load_state_dict({k[len('features.'):]: t for k, t in sd.items()})
         except RuntimeError as e:
-            raise ValueError(f"{weights_path or VGG_FILE}: not torchvision vgg19 weights ({e})") from None
-        self.register_buffer('mean', torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer('std', torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
-                             persistent=False)
-        self.requires_grad_(False)
-        self.eval()
+            raise ValueError(f"{weights_path or VGG_FILE}: not torchvision vgg19 ({e})") from None
+        for name, v in (('mean', [0.485, 0.456, 0.406]), ('std', [0.229, 0.224, 0.225])):
+            self.register_buffer(name, torch.tensor(v).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False).eval()
 
     def train(self, mode=True):  # always eval: frozen
         return super().train(False)
@@ -454,11 +396,8 @@ class VGGFeatures(nn.Module):
 
 
 # ==== python model.py [--bench] [--ref=PATH] [--repeats=N] ====
-
-
 def bench(ref='', repeats=5):
-    """Median seconds, interleaved so that load from other processes hits both implementations
-    alike. ref: the official network_swinir.py / basicsr swinir_arch.py, kept outside the repo."""
+    """Median seconds: ours, and the official code when ref names its network_swinir.py."""
     torch.manual_seed(0)
     nets = {'ours': SwinIR()}
     if ref:
@@ -467,22 +406,18 @@ def bench(ref='', repeats=5):
         nets['official'] = official(**asdict(nets['ours'].config), drop_path_rate=0.0)  # no drop
         nets['official'].load_state_dict(nets['ours'].state_dict(), strict=False)  # same weights
     x_train, x_infer = torch.rand(2, 3, 64, 64), torch.rand(1, 3, 128, 128)
-
-    def train_step(m):
-        m.zero_grad(set_to_none=True)
-        m(x_train).square().mean().backward()
     infer = torch.no_grad()(lambda m: m(x_infer))
-    tasks = {'fwd+bwd 2x3x64x64': train_step, 'inference 1x3x128x128': infer}
-    times = {(n, t): [] for n in nets for t in tasks}
-    for r in range(repeats + 1):  # the first round warms up
-        for (n, t), ts in times.items():
-            t0 = time.perf_counter()
-            tasks[t](nets[n])
-            if r:
-                ts.append(time.perf_counter() - t0)
+    tasks = {'fwd+bwd 2x3x64x64': lambda m: m(x_train).square().mean().backward(),
+             'inference 1x3x128x128': infer}
     print(f"SwinIR seed config, {torch.get_num_threads()} threads, median of {repeats}:")
-    for t in tasks:
-        med = {n: statistics.median(times[n, t]) for n in nets}
+    for t, task in tasks.items():
+        times = {n: [] for n in nets}
+        for _ in range(repeats + 1):  # interleaved: outside load hits all alike; 1st: warm-up
+            for n, ts in times.items():
+                t0 = time.perf_counter()
+                task(nets[n])
+                ts.append(time.perf_counter() - t0)
+        med = {n: statistics.median(ts[1:]) for n, ts in times.items()}
         print(f"  {t:24s} " + '  '.join(f"{n} {s:.3f} s" for n, s in med.items())
               + (f"  speedup {med['official'] / med['ours']:.2f}x" if ref else ''))
     if ref:
@@ -490,36 +425,26 @@ def bench(ref='', repeats=5):
         print(f"  max abs output difference, same weights: {diff.item():.2e}")
 
 
-def main(argv):
-    # model.py imports nothing of ours, so degrade.configure's conventions for its three settings
-    # in a few lines: --key=value, a Python literal or a bare string, unknown keys are an error
+if __name__ == '__main__':
+    # degrade.configure's --key=value (model.py imports nothing of ours); --bench alone is True
     opts = {'bench': False, 'ref': '', 'repeats': 5}
-    if '-h' in argv or '--help' in argv:
-        print(__doc__.strip() + '\n\nsettings (--key=value):\n' +
-              '\n'.join(f"  --{k}={v!r}" for k, v in opts.items()))
+    if '-h' in sys.argv or '--help' in sys.argv:
+        print(__doc__.strip(), '\nsettings:', *(f'--{k}={v!r}' for k, v in opts.items()))
         raise SystemExit(0)
-    for arg in ['--bench=True' if a == '--bench' else a for a in argv]:
+    for arg in sys.argv[1:]:
         key, eq, text = arg[2:].partition('=')
-        if not (arg.startswith('--') and eq and key in opts):
-            raise SystemExit(f"error: unknown argument {arg} (known: --bench, --ref=PATH, "
-                             "--repeats=N)")
         try:
-            value = text if isinstance(opts[key], str) else ast.literal_eval(text)
+            value = text if key == 'ref' else ast.literal_eval(text) if eq else True
         except (ValueError, SyntaxError):
-            value = text  # a bare word: the type check below names it
-        if type(value) is not type(opts[key]) or key == 'repeats' and value < 1:
-            raise SystemExit(f"error: --{key} expects {type(opts[key]).__name__} (like "
-                             f"{opts[key]!r}), got {text!r}")
+            value = text  # a bare word: wrong for bench and repeats
+        if key not in opts or not arg.startswith('--') or type(value) is not type(opts[key]) or (
+                key == 'repeats' and value < 1 or key == 'ref' and not os.path.isfile(value)):
+            raise SystemExit(f"error: {arg}: expected --bench, --ref=FILE (the official SwinIR "
+                             "code) or --repeats=N (N >= 1)")
         opts[key] = value
     print('config:', opts)
-    if opts['ref'] and not os.path.isfile(opts['ref']):
-        raise SystemExit(f"error: --ref={opts['ref']}: no such file (the official SwinIR code)")
-    for name, net in (('SwinIR', SwinIR()), ('UNetDiscriminatorSN', UNetDiscriminatorSN(
-            UNetConfig(num_feat=24)))):
-        print(f"{name} {asdict(net.config)}: {sum(p.numel() for p in net.parameters()):,} parameters")
+    for net in (SwinIR(), UNetDiscriminatorSN(UNetConfig(num_feat=24))):
+        n = sum(p.numel() for p in net.parameters())
+        print(f"{type(net).__name__} {asdict(net.config)}: {n:,} parameters")
     if opts['bench']:
         bench(opts['ref'], opts['repeats'])
-
-
-if __name__ == '__main__':
-    main(sys.argv[1:])

@@ -116,50 +116,48 @@ def check_settings(positional):
             raise SystemExit(f"error: {message}")
 
 
+def read_folder(folder):
+    """{stem: uint8 (3,H,W)} of every image in folder (alpha dropped), and what could not be read.
+    Decoded once, so that no refill or validation waits on image decoding."""
+    paths = degrade.list_images(folder)
+    bad = [f"{f} (not an image file)" for f in sorted(os.listdir(folder)) if not f.startswith('.')
+           and os.path.join(folder, f) not in paths and os.path.isfile(os.path.join(folder, f))]
+    images = {}
+    for p in paths:
+        try:
+            images[Path(p).stem] = degrade.to_uint8(degrade.read_image(p)[:3])
+        except ValueError:
+            bad.append(f"{os.path.basename(p)} (unreadable)")
+    return images, bad
+
+
 def load_faces(folder):
-    """Every GT face decoded once into uint8 (3,H,W), so that no refill waits on image decoding."""
     if not os.path.isdir(folder):
         raise SystemExit(f"error: {folder}: not a folder. Put aligned 512x512 training faces "
                          "there (FFHQ, or the challenge's 5,000) or pass --data_dir=FOLDER; on a "
                          "CPU try: python train.py --preset=cpu --data_dir=FOLDER --val_dir=FOLDER")
-    paths = degrade.list_images(folder)
-    bad = [f"{f} (not an image file)" for f in sorted(os.listdir(folder)) if not f.startswith('.')
-           and os.path.join(folder, f) not in paths and os.path.isfile(os.path.join(folder, f))]
-    faces = []
-    for p in paths:
-        try:
-            faces.append(degrade.to_uint8(degrade.read_image(p)[:3]))  # alpha dropped
-        except ValueError:
-            bad.append(f"{os.path.basename(p)} (unreadable)")
-            continue
-        if min(faces[-1].shape[1:]) < gt_size:
-            size = 'x'.join(map(str, faces[-1].shape[:0:-1]))
-            bad.append(f"{os.path.basename(p)} ({size} < --gt_size={gt_size})")
+    faces, bad = read_folder(folder)
+    bad += [f"{stem} ({f.shape[2]}x{f.shape[1]} < --gt_size={gt_size})" for stem, f in faces.items()
+            if min(f.shape[1:]) < gt_size]
     if bad or not faces:
         why = f"cannot train on {', '.join(bad[:6])}" + (' and more' if bad[6:] else '')
         raise SystemExit(f"error: {folder}: {why if bad else 'no images'} ({degrade.IMG_EXTS})")
-    return faces
+    return list(faces.values())
 
 
 def load_val(folder):
     """[(LQ, GT)] uint8 pairs from folder/LQ and folder/GT, matched by file stem."""
-    lqs, gts = ({Path(p).stem: p for p in degrade.list_images(os.path.join(folder, side))}
-                for side in ('LQ', 'GT'))
+    (lqs, bad), (gts, bad_gt) = (read_folder(os.path.join(folder, side)) for side in ('LQ', 'GT'))
     unpaired = sorted(set(lqs) ^ set(gts))
-    if unpaired or not lqs:
-        raise SystemExit(f"error: --val_dir={folder}: LQ/ and GT/ must hold images with the same "
-                         f"stems; {'unpaired: ' + ', '.join(unpaired[:6]) if unpaired else 'none'}")
-    pairs = []
-    for stem in sorted(lqs):
-        try:
-            lq, gt = (degrade.to_uint8(degrade.read_image(p[stem])[:3]) for p in (lqs, gts))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        if gt.shape[1:] != (4 * lq.shape[1], 4 * lq.shape[2]):
-            raise SystemExit(f"error: {lqs[stem]}: {lq.shape[2]}x{lq.shape[1]} is not 1/4 of its "
-                             f"GT ({gt.shape[2]}x{gt.shape[1]})")
-        pairs.append((lq, gt))
-    return pairs
+    if unpaired or not lqs or bad or bad_gt:
+        why = f"unpaired: {', '.join(unpaired[:6])}" if unpaired else ', '.join(bad + bad_gt)
+        raise SystemExit(f"error: --val_dir={folder}: LQ/ and GT/ must hold readable images with "
+                         f"the same stems; {why or 'none'}")
+    for stem, lq in lqs.items():
+        if gts[stem].shape[1:] != (4 * lq.shape[1], 4 * lq.shape[2]):
+            raise SystemExit(f"error: {folder}: LQ/{stem} is {lq.shape[2]}x{lq.shape[1]}, not 1/4 "
+                             f"of its GT ({gts[stem].shape[2]}x{gts[stem].shape[1]})")
+    return [(lqs[stem], gts[stem]) for stem in sorted(lqs)]
 
 
 def crop(x, pick, at, size):
@@ -261,8 +259,8 @@ def draw_curves(records, path):
         draw.line(xy + [(xy[-1][0] + 3, xy[-1][1])], fill='blue', width=2)
         labels = [((left - 58, at(0, y)[1] - 6), f"{10 ** y:.3g}" if key == 'loss' else f"{y:.2f}")
                   for y in (lo, hi)] + [((left, bottom + 4), x0), ((right - 60, bottom + 4), x1)]
-        for xy, text in labels:
-            draw.text(xy, str(text), fill='black')
+        for pos, text in labels:
+            draw.text(pos, str(text), fill='black')
     degrade.save_atomic(path, lambda tmp: img.save(tmp, format='PNG'))
 
 
@@ -329,7 +327,6 @@ if __name__ == '__main__':
     model_file = model_file or f'{mode}.pt'
     config.update(out_dir=out_dir, model_file=model_file)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once in a redirected log
-
     # ---- processes and data
     ddp = 'RANK' in os.environ
     dev = degrade.pick_device(device)
@@ -352,7 +349,6 @@ if __name__ == '__main__':
     ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True) if resume else None
     if ckpt is not None and ckpt['config']['mode'] != mode:
         raise SystemExit(f"error: --mode={mode}: {ckpt_path} is a {ckpt['config']['mode']} run")
-
     # ---- networks and optimizers
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP broadcasts rank 0's)
     g = build_generator(ckpt).to(dev)
@@ -376,7 +372,6 @@ if __name__ == '__main__':
         states[key].load_state_dict(ckpt[key])
     start = ckpt['iter'] if ckpt else 0
     best = ckpt['best_psnr'] if ckpt else -math.inf
-
     # ---- random streams and the pool: each rank its own; rank 0's are saved, the others restart
     seeds = [hash((seed, rank, start if rank else 0, k)) & (2 ** 63 - 1) for k in range(3)]
     torch.manual_seed(seeds[0])
@@ -417,7 +412,6 @@ if __name__ == '__main__':
         write_log(log)
     if bench:
         max_iters = start + _WARMUP + bench_iters + refill_every  # warm up, time, count ops
-
     # ---- the loop
     it, hist, t_last = start, [], time.time()
     while True:
@@ -489,11 +483,10 @@ if __name__ == '__main__':
                 pool.refill()
         hist.append(torch.stack([loss.detach(), *(p.detach() for p in parts), *oks]).float())
         it += 1
-        cost = time.time() - t_last
-        if it == start + 1 and dev.type == 'cpu' and cost * (max_iters - it) > 3600 and master:
-            print(f"note: no GPU here: one iteration of this recipe took {cost:.1f} s, "
-                  f"{max_iters - it} more would take {cost * (max_iters - it) / 3600:.1f} h; "
-                  "--preset=cpu trains a small model in ~10-15 minutes")
+        hours = (time.time() - t_last) * (max_iters - it) / 3600
+        if it == start + 1 and dev.type == 'cpu' and hours > 1 and master:
+            print(f"note: no GPU here: the next {max_iters - it} iterations would take {hours:.1f} "
+                  "h at this first one's speed; --preset=cpu trains a small model in ~15 min")
         if not bench and (it % log_interval == 0 or it == max_iters):
             rows, hist = torch.stack(hist).tolist(), []  # the one host sync per log_interval
             if master:
@@ -509,9 +502,9 @@ if __name__ == '__main__':
         print(f"bench: {mode}, batch {batch_size} x {world} of {patch_size}x{patch_size} LQ, "
               f"{dtype}, compile {'on' if compile else 'off'}, {dev}, {torch.get_num_threads()} "
               f"threads\nbench: {batch_size * world * 1000 / ms:.1f} img/s, {ms:.1f} ms/iter: "
-              + ', '.join(f"{k} {v / bench_iters:.1f}" for k, v in timings.items()))
-        print(f"bench: {ops:.0f} top-level aten ops per iteration (refills amortised), peak "
-              f"memory {peak:.2f} GiB ({'device' if dev.type == 'cuda' else 'process RSS'})")
+              + ', '.join(f"{k} {v / bench_iters:.1f}" for k, v in timings.items()) + f"\nbench: "
+              f"{ops:.0f} top-level aten ops per iteration (refills amortised), peak memory "
+              f"{peak:.2f} GiB ({'device' if dev.type == 'cuda' else 'process RSS'})")
     digest = hashlib.sha256()  # equal on every DDP rank when the ranks are in step
     for k, t in [kt for m in (g, ema, d) if m is not None for kt in m.state_dict().items()]:
         digest.update(k.encode() + t.cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
