@@ -33,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 import degrade
-from model import SwinIR, SwinIRConfig, UNetConfig, UNetDiscriminatorSN, VGGFeatures, load_generator
+from model import SwinIR, SwinIRConfig, UNetConfig, UNetDiscriminatorSN, VGGFeatures
+from model import load_generator, load_torch_file
 
 # ---- data
 data_dir = 'data/train/GT'  # training faces (png/jpg/webp/bmp), each at least gt_size on both sides
@@ -346,7 +347,10 @@ if __name__ == '__main__':
     if val_dir == 'data/val' and not os.path.isdir(val_dir):
         val_dir = ''  # the default folder is optional; one named by --val_dir is not
     pairs = load_val(val_dir) if val_dir and master and not bench else []
-    ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True) if resume else None
+    try:
+        ckpt = load_torch_file(ckpt_path, 'a checkpoint') if resume else None
+    except ValueError as e:  # a damaged ckpt.pt: one line, and the file is left as it is
+        raise SystemExit(f"error: --resume=True: {e}") from None
     if ckpt is not None and ckpt['config']['mode'] != mode:
         raise SystemExit(f"error: --mode={mode}: {ckpt_path} is a {ckpt['config']['mode']} run")
     # ---- networks and optimizers
