@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import sys
 import time
 from collections import defaultdict
@@ -359,6 +358,7 @@ if __name__ == '__main__':
     config.update({k: getattr(g.config, k) for k in _MODEL_KEYS})
     ema = copy.deepcopy(g).eval().requires_grad_(False)
     ema_update = get_ema_multi_avg_fn(ema_decay)
+    ema_params, g_params = list(ema.parameters()), list(g.parameters())  # once, not per step
     adam = dict(lr=learning_rate, betas=betas, eps=adam_eps, weight_decay=weight_decay,
                 fused=True)
     opt_g = torch.optim.Adam(g.parameters(), **adam)
@@ -471,7 +471,7 @@ if __name__ == '__main__':
             loss.backward()
         with timed('optimizer+EMA'):
             oks = [step(opt_g, g)]
-            ema_update(list(ema.parameters()), list(g.parameters()), None)  # skipped: G unchanged
+            ema_update(ema_params, g_params, None)  # after a skipped step G is unchanged
         if mode == 'gan':
             with timed('D'):
                 d.requires_grad_(True)
@@ -501,14 +501,13 @@ if __name__ == '__main__':
         ms = sum(timings.values()) / bench_iters
         aten = lambda e: e is not None and e.name.startswith('aten::')  # noqa: E731
         ops = sum(aten(e) and not aten(e.cpu_parent) for e in prof.events()) / refill_every
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux: GiB
-        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == 'cuda' else peak
+        peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == 'cuda' else None
         print(f"bench: {mode}, batch {batch_size} x {world} of {patch_size}x{patch_size} LQ, "
               f"{dtype}, compile {'on' if compile else 'off'}, {dev}, {torch.get_num_threads()} "
               f"threads\nbench: {batch_size * world * 1000 / ms:.1f} img/s, {ms:.1f} ms/iter: "
               + ', '.join(f"{k} {v / bench_iters:.1f}" for k, v in timings.items()) + f"\nbench: "
-              f"{ops:.0f} top-level aten ops per iteration (refills amortised), peak memory "
-              f"{peak:.2f} GiB ({'device' if dev.type == 'cuda' else 'process RSS'})")
+              f"{ops:.0f} top-level aten ops per iteration (refills amortised), peak device "
+              f"memory {f'{peak:.2f} GiB' if peak is not None else 'n/a (not a CUDA device)'}")
     digest = hashlib.sha256()  # equal on every DDP rank when the ranks are in step
     for k, t in [kt for m in (g, ema, d) if m is not None for kt in m.state_dict().items()]:
         digest.update(k.encode() + t.cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
