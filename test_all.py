@@ -603,11 +603,12 @@ def n_params(net):
     return sum(p.numel() for p in net.parameters())
 
 
-def busy_swinir(seed=0):
-    """MODEL_TINY with weights that make attention matter (the official init, std 0.02, leaves the
-    transformer body nearly silent): head sizes 6 and 4 (padded to 8), two layers."""
+def busy_swinir(seed=0, config=MODEL_TINY):
+    """A SwinIR (default MODEL_TINY: head sizes 6 and 4, padded to 8, two layers) with weights that
+    make attention and MLPs matter: the official init (std 0.02) leaves the transformer body nearly
+    silent, which would hide attention or tiling errors behind the convolutions' small reach."""
     torch.manual_seed(seed)
-    net = model.SwinIR(MODEL_TINY)
+    net = model.SwinIR(config)
     with torch.no_grad():
         for name, p in net.named_parameters():
             if 'relative_position_bias_table' in name:
@@ -926,17 +927,8 @@ def run(script, *args, cwd=None):
 
 
 def tiny_model(seed, **kw):
-    """A tiny SwinIR whose attention and MLPs matter: the default init (std 0.02) leaves the transformer
-    body nearly silent, which would hide tiling errors behind the convolutions' small reach."""
-    torch.manual_seed(seed)
-    m = SwinIR(SwinIRConfig(**{**SAMPLE_TINY, **kw})).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if 'relative_position_bias_table' in n:
-                p.normal_(0, 1.0)
-            elif 'norm' not in n and p.dim() <= 2:
-                p.normal_(0, 0.3 if p.dim() == 2 else 0.05)
-    return m
+    """busy_swinir of SAMPLE_TINY (+ kw), in eval mode."""
+    return busy_swinir(seed, SwinIRConfig(**{**SAMPLE_TINY, **kw})).eval()
 
 
 def save_ckpt(path, model, ema=None):
