@@ -12,10 +12,11 @@ per-sample reflect indices, JPEG runs on whole canvases (their zeros = the refer
 """
 import ast
 import contextlib
+import functools
 import math
 import os
+import re
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -50,6 +51,7 @@ gray_noise_prob2 = 0.4  # as gray_noise_prob
 jpeg_range2 = [70.0, 95.0]  # JPEG quality range of the final step
 # ---- final step
 final_sinc_prob = 0.8  # final sinc filter, else identity
+first_order_prob = 0.0  # per sample: a milder first-order chain (no second degradation, no sinc)
 scale = 4  # the LQ is gt / scale
 _OPTIONS = [k for k in globals() if k not in _before_options and not k.startswith('_')]
 # ---- system (degrade.py's command line)
@@ -68,33 +70,41 @@ def _numbers(v, n):  # a list or tuple of n finite numbers
 
 
 _PROBABILITY = (lambda v: _numbers([v], 1) and 0 <= v <= 1, 'a probability in [0, 1]')
-_WEIGHTS3 = (lambda v: _numbers(v, 3) and min(v) >= 0 and sum(v) > 0, '3 weights >= 0, sum > 0')
-_WEIGHTS6 = (lambda v: _numbers(v, 6) and min(v) >= 0 and sum(v) > 0, '6 weights >= 0, sum > 0')
+_WEIGHTS = lambda n: (lambda v: _numbers(v, n) and min(v) >= 0 and sum(v) > 0,
+                      f'{n} weights >= 0, sum > 0')
 _POSITIVE = (lambda v: _numbers(v, 2) and 0 < v[0] <= v[1], '[lo, hi] with 0 < lo <= hi')
 _AROUND_1 = (lambda v: _numbers(v, 2) and 0 < v[0] <= 1 <= v[1], '[lo, hi], 0 < lo <= 1 <= hi')
 _LEVELS = (lambda v: _numbers(v, 2) and 0 <= v[0] <= v[1], '[lo, hi] with 0 <= lo <= hi')
 _QUALITY = (lambda v: _numbers(v, 2) and 1 <= v[0] <= v[1] <= 100, '[lo, hi], 1 <= lo <= hi <= 100')
 _VALID = {  # each option: (is it valid?, what is expected)
-    'kernel_prob': _WEIGHTS6, 'sinc_prob': _PROBABILITY, 'blur_sigma': _POSITIVE,
-    'betag_range': _AROUND_1, 'betap_range': _AROUND_1, 'resize_prob': _WEIGHTS3,
+    'kernel_prob': _WEIGHTS(6), 'sinc_prob': _PROBABILITY, 'blur_sigma': _POSITIVE,
+    'betag_range': _AROUND_1, 'betap_range': _AROUND_1, 'resize_prob': _WEIGHTS(3),
     'resize_range': _AROUND_1, 'gaussian_noise_prob': _PROBABILITY, 'noise_range': _LEVELS,
     'poisson_scale_range': _LEVELS, 'gray_noise_prob': _PROBABILITY, 'jpeg_range': _QUALITY,
-    'second_blur_prob': _PROBABILITY, 'blur_sigma2': _POSITIVE, 'resize_prob2': _WEIGHTS3,
+    'second_blur_prob': _PROBABILITY, 'blur_sigma2': _POSITIVE, 'resize_prob2': _WEIGHTS(3),
     'resize_range2': _AROUND_1, 'gaussian_noise_prob2': _PROBABILITY, 'noise_range2': _LEVELS,
     'poisson_scale_range2': _LEVELS, 'gray_noise_prob2': _PROBABILITY, 'jpeg_range2': _QUALITY,
-    'final_sinc_prob': _PROBABILITY, 'scale': (lambda v: type(v) is int and v >= 1, 'an int >= 1')}
+    'final_sinc_prob': _PROBABILITY, 'first_order_prob': _PROBABILITY,
+    'scale': (lambda v: type(v) is int and 1 <= v <= 512, 'an int in [1, 512]'),
+    'seed': (lambda v: 0 <= v < 2 ** 64, 'an int in [0, 2**64)'),  # configure checked the types
+    'batch_size': (lambda v: v >= 1, 'an int >= 1'),
+    'threads': (lambda v: 0 <= v <= os.cpu_count(), f"an int in [0, {os.cpu_count()}] (CPUs)")}
 
 
-def _options(overrides):
-    """The option globals above with overrides; ValueError naming an unknown or invalid one."""
+def _check(values, keys):  # ValueError naming the first value that _VALID rejects
+    for key in keys:
+        valid, expected = _VALID[key]
+        if not valid(values[key]):
+            raise ValueError(f"{key}={values[key]!r}: expected {expected}")
+
+
+def _options(overrides):  # the option globals above with overrides, checked (ValueError)
     unknown = sorted(set(overrides) - set(_OPTIONS))
     if unknown:
         raise ValueError(f"unknown degradation option(s) {', '.join(unknown)}; known: "
                          + ', '.join(_OPTIONS))
     o = {k: overrides.get(k, globals()[k]) for k in _OPTIONS}
-    for key, (valid, expected) in _VALID.items():
-        if not valid(o[key]):
-            raise ValueError(f"{key}={o[key]!r}: expected {expected}")
+    _check(o, _OPTIONS)
     return o
 
 
@@ -104,29 +114,32 @@ def _real(dev):  # float64 for the kernel maths, where the device has it
 
 @contextlib.contextmanager
 def _full_float32():
-    """Full-precision float32 matmuls and convolutions inside (no TF32 on CUDA, no bf16 passes on
-    CPU) whatever the caller allowed, e.g. train.py's TF32 for its networks; restored on exit."""
-    b = torch.backends
-    if hasattr(b.mkldnn, 'matmul'):  # torch >= 2.9: a precision per backend, the CPU's included
-        backends = (b.cuda.matmul, b.cudnn.conv, b.mkldnn.matmul)
-        flags = [(obj, 'fp32_precision', 'ieee') for obj in backends]
-    else:
-        flags = [(b.cuda.matmul, 'allow_tf32', False), (b.cudnn, 'allow_tf32', False)]
-    saved = [getattr(obj, name) for obj, name, _ in flags]
-    for obj, name, full in flags:
-        setattr(obj, name, full)
+    """Full float32 matmuls and convolutions inside, whatever the caller allowed (train.py's TF32
+    on CUDA, bf16 passes on a CPU); restored on exit."""
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = 'ieee'
     try:
         yield
     finally:
-        for (obj, name, _), value in zip(flags, saved):
-            setattr(obj, name, value)
+        for b, precision in zip(backends, saved):
+            b.fp32_precision = precision
 
 
 # ---- blur kernels (basicsr.data.degradations), batched over (B,) parameter tensors
-def _kernel(size, family, sx, sy, theta, beta, omega, cut=None):
-    """(B,size,size) kernels summing to 1 from (B,) parameters: family 0 Gaussian, 1 generalized
-    Gaussian, 2 plateau, 3 circular sinc, on basicsr's grid (x = column, y = row, centre 0); zero
-    outside the central cut x cut (B,) (= basicsr's kernel of that size, zero-padded)."""
+def blur_kernel(size, sigma_x, sigma_y, theta, beta=1.0, *, isotropic=True, family=0, omega=1.0,
+                cut=None):
+    """Kernels summing to 1, family 0 Gaussian, 1 generalized Gaussian, 2 plateau, 3 circular sinc,
+    on basicsr's grid (x = column, y = row, centre 0), zero outside the central cut x cut (=
+    basicsr's kernel of that size, zero-padded); isotropic: sigma_x on both axes, no rotation.
+    Python floats -> (size,size); (B,) tensors (family and cut too) -> (B,size,size)."""
+    vals = (sigma_x, sigma_y, theta, beta, omega)
+    dev = next((t.device for t in vals if torch.is_tensor(t)), None)
+    sx, sy, theta, beta, omega = torch.broadcast_tensors(
+        *(torch.as_tensor(t, dtype=_real(dev), device=dev).reshape(-1) for t in vals))
+    if isotropic:
+        sy, theta = sx, 0 * theta
     v = lambda t: t.reshape(-1, 1, 1)
     a = torch.arange(size, dtype=sx.dtype, device=sx.device) - size // 2
     y, x = a[:, None], a[None, :]
@@ -139,42 +152,24 @@ def _kernel(size, family, sx, sy, theta, beta, omega, cut=None):
     t = torch.arange(128, dtype=sx.dtype, device=sx.device) * (2 * math.pi / 128)
     j1 = torch.cos(t - (w * r)[..., None] * t.sin()).mean(-1)
     sinc = torch.where(r > 0, w * j1 / (2 * math.pi * r.clamp_min(1)), w * w / (4 * math.pi))
-    f = v(family if torch.is_tensor(family) else torch.full_like(sx, family))
+    f = v(torch.as_tensor(family, device=sx.device))
     k = torch.where(f == 0, torch.exp(-0.5 * q), torch.where(
         f == 1, torch.exp(-0.5 * qb), torch.where(f == 2, 1 / (qb + 1), sinc)))
     if cut is not None:
         k = k * ((y.abs() <= v(cut) // 2) & (x.abs() <= v(cut) // 2))
-    return k / k.sum((1, 2), keepdim=True)
-
-
-def _public_kernel(size, family, sx, sy, theta, beta=1.0, omega=1.0, isotropic=False):
-    """Python float parameters -> (size,size), 1-D tensors -> (B,size,size); isotropic as
-    basicsr: sigma_x on both axes, no rotation."""
-    vals = (sx, sy, theta, beta, omega)
-    dev = next((t.device for t in vals if torch.is_tensor(t)), None)
-    sx, sy, theta, beta, omega = torch.broadcast_tensors(
-        *(torch.as_tensor(t, dtype=_real(dev), device=dev).reshape(-1) for t in vals))
-    if isotropic:
-        sy, theta = sx, 0 * theta
-    k = _kernel(size, family, sx, sy, theta, beta, omega)
+    k = k / k.sum((1, 2), keepdim=True)
     return k if any(torch.is_tensor(t) for t in vals) else k[0]
 
 
-def bivariate_gaussian(size, sigma_x, sigma_y, theta, isotropic=True):
-    return _public_kernel(size, 0, sigma_x, sigma_y, theta, isotropic=isotropic)
-
-
-def bivariate_generalized_gaussian(size, sigma_x, sigma_y, theta, beta, isotropic=True):
-    return _public_kernel(size, 1, sigma_x, sigma_y, theta, beta, isotropic=isotropic)
-
-
-def bivariate_plateau(size, sigma_x, sigma_y, theta, beta, isotropic=True):
-    return _public_kernel(size, 2, sigma_x, sigma_y, theta, beta, isotropic=isotropic)
+# basicsr's names (isotropic by keyword); beta is the shape parameter of the last two
+bivariate_gaussian = functools.partial(blur_kernel, beta=1.0, family=0)
+bivariate_generalized_gaussian = functools.partial(blur_kernel, family=1)
+bivariate_plateau = functools.partial(blur_kernel, family=2)
 
 
 def sinc_kernel(omega_c, size, pad_to=0):
     p = max(pad_to - size, 0) // 2  # basicsr circular_lowpass_kernel, zero-padded to pad_to
-    return F.pad(_public_kernel(size, 3, 1.0, 1.0, 0.0, omega=omega_c), (p, p, p, p))
+    return F.pad(blur_kernel(size, 1.0, 1.0, 0.0, family=3, omega=omega_c), (p, p, p, p))
 
 
 # ---- filtering and resizing; images may sit top-left on a zero canvas with valid sizes (B,2)
@@ -261,8 +256,7 @@ def gaussian_noise(img, sigma, gray, generator=None):
 
 def poisson_noise(img, scale, gray, generator=None, sizes=None):
     """Noise to add: (Poisson(x*v)/v - x)*scale with x the image rounded to 8 bits and v its number
-    of distinct levels rounded up to a power of 2, per sample (gray: of the luma, one field).
-    Scale 0 (and a gray sample's 2nd/3rd channel) gives rate 0: torch.poisson almost free."""
+    of distinct levels rounded up to a power of 2, per sample (gray: of the luma, one field)."""
     B, C, H, W = img.shape
     gv, sv = gray.view(-1, 1, 1, 1), scale.float().view(-1, 1, 1, 1)
     luma = img[:, :1] * 0.2989 + img[:, 1:2] * 0.587 + img[:, 2:] * 0.114  # rgb_to_grayscale
@@ -274,6 +268,7 @@ def poisson_noise(img, scale, gray, generator=None, sizes=None):
     outside = 0 if sizes is None else C * (H * W - sizes.prod(1))
     count = (hist[:, 1:] > 0).sum(1) + (hist[:, 0] > outside)
     v = 2 ** torch.ceil(torch.log2(count.clamp_min(1).float())).view(-1, 1, 1, 1)
+    # rate 0 (almost free in torch.poisson) at scale 0 and in a gray sample's 2nd/3rd channel
     keep = (sv > 0) & ~(gv & (torch.arange(C, device=img.device) > 0).view(1, -1, 1, 1))
     noise = torch.poisson(lev * (v / 255 * keep), generator=generator)
     noise = noise.mul_(sv / v).sub_(lev.mul_(sv / 255))
@@ -326,7 +321,8 @@ def draw_params(n, device='cpu', generator=None, **overrides):
     """Every random choice of degrade() for n samples as (n,) tensors in three dicts 'first',
     'second', 'final'. kind: 0..5 as kernel_prob, 6 sinc; updown: 0 up, 1 down, 2 keep; mode:
     0 area, 1 bilinear, 2 bicubic; scale: a scale factor (first), relative to the final size
-    (second); resize_first (final): [resize + sinc] before JPEG."""
+    (second); resize_first (final): [resize + sinc] before JPEG; first_order (final): the sample
+    skips the second degradation and the sinc (resized to the final size, then the final JPEG)."""
     o, dev = _options(overrides), torch.device(device)
     rand = lambda: torch.rand(n, generator=generator, device=dev, dtype=_real(dev))
     uniform = lambda lo, hi: lo + (hi - lo) * rand()
@@ -375,15 +371,22 @@ def draw_params(n, device='cpu', generator=None, **overrides):
     final['omega'] = uniform(math.pi / 3, math.pi)
     final['resize_first'] = rand() < 0.5
     final['mode'] = pick([1, 1, 1])
+    # drawn only when asked for, so that the default consumes today's random stream exactly
+    mild = rand() < o['first_order_prob'] if o['first_order_prob'] else final['sinc'] & False
+    final['first_order'] = mild
+    final['sinc'] = final['sinc'] & ~mild
+    second['blur'] = second['blur'] & ~mild
+    for key in ('sigma', 'poisson'):  # no second noise, and straight to the final size
+        second[key] = torch.where(mild, 0.0, second[key])
+    second['scale'] = torch.where(mild, 1.0, second['scale'])
     return {'first': first, 'second': second, 'final': final}
 
 
 def add_kernels(p):
-    """Adds 'kernel' (B,21,21) float32 to each stage of the drawn p: a delta where the second
-    degradation does not blur or the final step has no sinc."""
+    """Adds 'kernel' (B,21,21) to each stage of p: a delta where the second blur or sinc is off."""
     def kernel(family, q, on):
-        k = _kernel(_KSIZE, family, q['sigma_x'], q['sigma_y'], q['theta'], q['beta'], q['omega'],
-                    cut=q['ksize'])
+        k = blur_kernel(_KSIZE, q['sigma_x'], q['sigma_y'], q['theta'], q['beta'],
+                        isotropic=False, family=family, omega=q['omega'], cut=q['ksize'])
         delta = F.pad(torch.ones_like(k[:1, :1, :1]), (_KSIZE // 2,) * 4)
         return torch.where(on.view(-1, 1, 1), k, delta).float()
     first, second, final = p['first'], p['second'], p['final']
@@ -402,8 +405,7 @@ def _sizes(x, h, w):  # (B,2): the same valid size (h, w) for each of x's sample
 
 
 def _blur_resize_noise(x, sizes, new_sizes, rs, canvas, p, generator):
-    """One degradation stage: blur x's images (valid sizes (B,2)) with p['kernel'], resize them to
-    new_sizes on a zero canvas (h, w), add Gaussian or Poisson noise, clamp."""
+    """Blur x (valid sizes (B,2)) with p['kernel'], resize to new_sizes on a zero canvas, noise."""
     x = filter2d(x, p['kernel'], sizes)
     x = _resize(x, sizes, new_sizes, rs, p['mode'], canvas)
     gauss, gray = p['gaussian'], p['gray']
@@ -437,8 +439,7 @@ def second_degradation(x, sizes, gt_hw, p, o, generator):
 
 
 def final_step(x, sizes, gt_hw, p, o):
-    """[resize to gt_hw / scale + sinc] then JPEG where p['resize_first'], else JPEG then
-    [resize + sinc]; rounded to 8-bit levels."""
+    """[resize to gt_hw / scale, sinc] then JPEG where p['resize_first'], else the other way."""
     h, w = (d // o['scale'] for d in gt_hw)
     resize_first = p['resize_first'].view(-1, 1, 1, 1)
     x = torch.where(resize_first, x, jpeg(x, p['jpeg']) * _valid(sizes, *x.shape[2:]))
@@ -450,9 +451,8 @@ def final_step(x, sizes, gt_hw, p, o):
 
 
 def degrade(gt, generator=None, return_params=False, **overrides):
-    """gt (B,3,H,W) in [0,1] -> lq (B,3,H/scale,W/scale) on 8-bit levels and the USM-sharpened gt
-    (+ the drawn parameters and kernels). Choices come from generator (on gt's device) or the
-    global RNG; overrides: any option above. Full float32, even under autocast or TF32."""
+    """gt (B,3,H,W) in [0,1] -> lq (B,3,H/scale,W/scale), the USM-sharpened gt (and the drawn p),
+    choices from generator (on gt's device) or the global RNG; overrides: any option above."""
     o = _options(overrides)
     with torch.no_grad(), torch.autocast(gt.device.type, enabled=False), _full_float32():
         gt = gt.float()
@@ -461,17 +461,24 @@ def degrade(gt, generator=None, return_params=False, **overrides):
         gt_usm = usm_sharp(gt)
         x, sizes = first_degradation(gt_usm, p['first'], o, generator)
         x, sizes = second_degradation(x, sizes, gt.shape[2:], p['second'], o, generator)
-        lq = final_step(x, sizes, gt.shape[2:], p['final'], o)
+        lq = final_step(x, sizes, gt.shape[2:], p['final'], o)  # on 8-bit levels
     return (lq, gt_usm, p) if return_params else (lq, gt_usm)
 
 
 # ---- command line: degrade a folder, or benchmark
+def _gt_paths(folder):  # the image paths in folder; none is an error
+    paths = list_images(folder)
+    if not paths:
+        raise SystemExit(f"error: {folder}: no images ({' '.join(IMG_EXTS)})")
+    return paths
+
+
 def _bench(dev, folder):
     """img/s of degrade() and ms per stage, timing the stage functions that degrade() calls."""
     if folder:
         try:
-            gt = torch.stack([read_image(path)[:3] for path in list_images(folder)[:batch_size]])
-        except (ValueError, RuntimeError) as e:  # unreadable, none, or of different sizes
+            gt = torch.stack([read_image(path)[:3] for path in _gt_paths(folder)[:batch_size]])
+        except (ValueError, RuntimeError) as e:  # unreadable, or of different sizes
             raise SystemExit(f"error: --bench {folder}: {str(e).splitlines()[0]}")
     else:
         noise = torch.rand(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
@@ -481,19 +488,18 @@ def _bench(dev, folder):
     g = torch.Generator(dev).manual_seed(seed)
     o = _options({})
     sync = getattr(torch, dev.type).synchronize if dev.type in ('cuda', 'mps') else lambda: None
-    times = {}
-    rounds = 5
+    ms = {}  # stage: ms per batch, the mean of 5 rounds
 
     def timed(stage, fn, *args):
         sync()
         t0 = time.perf_counter()
         out = fn(*args)
         sync()
-        times[stage] = times.get(stage, 0) + (time.perf_counter() - t0) / rounds
+        ms[stage] = ms.get(stage, 0) + (time.perf_counter() - t0) * 1000 / 5
         return out
     degrade(gt, g)  # warm-up
     with torch.no_grad(), _full_float32():
-        for _ in range(rounds):
+        for _ in range(5):
             p = timed('draw', draw_params, len(gt), dev, g)
             timed('kernels', add_kernels, p)
             gt_usm = timed('usm', usm_sharp, gt)
@@ -502,58 +508,63 @@ def _bench(dev, folder):
             timed('final', final_step, x, sizes, hw, p['final'], o)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         degrade(gt, g)
-    total = sum(times.values())
+    total = sum(ms.values())
     print(f"degrade: {len(gt)} x {tuple(gt.shape[1:])} {folder or 'synthetic'} on {dev} "
-          f"({torch.get_num_threads()} threads): {len(gt) / total:.1f} img/s, "
-          f"{total * 1000:.0f} ms per batch, "
+          f"({torch.get_num_threads()} threads): {len(gt) * 1000 / total:.1f} img/s, "
+          f"{total:.0f} ms per batch, "
           f"{sum(e.cpu_parent is None for e in prof.events())} top-level ops per call")
-    print('  ms per batch: ' + ', '.join(f"{k} {v * 1000:.0f}" for k, v in times.items()))
+    print('  ms per batch: ' + ', '.join(f"{k} {v:.0f}" for k, v in ms.items()))
 
 
 def main(argv=None):
     args, config = configure(globals(), argv)
-    print('config:', config)
     try:
-        _options({})
+        _check(config, _VALID)
     except ValueError as e:
         raise SystemExit(f"error: --{e}")
-    if batch_size < 1 or threads < 0:
-        raise SystemExit(f"error: --batch_size={batch_size}, --threads={threads}: expected "
-                         "batch_size >= 1 and threads >= 0")
+    print('config:', config)
     dev = pick_device(device)
     torch.set_num_threads(threads or torch.get_num_threads())
     if bench and len(args) < 2:
         return _bench(dev, args[0] if args else '')
     if len(args) != 2 or bench:
-        raise SystemExit("usage: python degrade.py GT_DIR LQ_DIR [--key=value ...], "
-                         "or python degrade.py --bench [GT_DIR]")
+        raise SystemExit(f"error: expected GT_DIR LQ_DIR, or --bench [GT_DIR]; got {args} "
+                         "(python degrade.py --help)")
     gt_dir, lq_dir = args
     if os.path.realpath(gt_dir) == os.path.realpath(lq_dir):
-        raise SystemExit(f"error: LQ_DIR {lq_dir} is GT_DIR: refusing to write into the ground "
-                         "truth folder")
-    paths = list_images(gt_dir)
+        raise SystemExit(f"error: LQ_DIR {lq_dir} is GT_DIR: refusing to write into it")
+    paths = _gt_paths(gt_dir)
+    names = [os.path.splitext(os.path.basename(path))[0] + '.png' for path in paths]
+    if len(set(names)) < len(names):  # a.jpg and a.png: one LQ would overwrite the other
+        twins = [path for path, name in zip(paths, names) if names.count(name) > 1]
+        raise SystemExit(f"error: {twins[0]} and {twins[1]}: one LQ name; rename one of them")
+    try:
+        os.makedirs(lq_dir, exist_ok=True)
+    except OSError as e:  # a file, under a file, no permission
+        raise SystemExit(f"error: LQ_DIR {lq_dir}: cannot be made a folder ({e.strerror})")
     g = torch.Generator(dev).manual_seed(seed)
-    os.makedirs(lq_dir, exist_ok=True)
     skipped = 0
     for i in range(0, len(paths), batch_size):
-        batch = {}  # LQ file name: GT image
-        for path in paths[i:i + batch_size]:
+        batch = {}  # LQ path: GT image
+        for path, name in zip(paths[i:i + batch_size], names[i:i + batch_size]):
             try:
                 img = read_image(path)
                 if img.shape[1:] != (512, 512):
                     raise ValueError(f"{path}: expected a 512x512 image, "
                                      f"got {img.shape[2]}x{img.shape[1]}")
-                batch[os.path.splitext(os.path.basename(path))[0] + '.png'] = img[:3]
+                batch[os.path.join(lq_dir, name)] = img[:3]
             except ValueError as e:
                 print(f"skipped {e}", flush=True)
                 skipped += 1
         if batch:
             lqs = degrade(torch.stack(list(batch.values())).to(dev), g)[0]
-            for name, lq in zip(batch, lqs):
-                write_image(os.path.join(lq_dir, name), lq)
+            for path, lq in zip(batch, lqs):
+                try:
+                    write_image(path, lq)
+                except OSError as e:  # no permission, a full disk: the LQs written so far stay
+                    raise SystemExit(f"error: {path}: cannot write ({e.strerror or e})")
         done = min(i + batch_size, len(paths)) - skipped
-        print(f"{done}/{len(paths)} written to {lq_dir}", end='\r', flush=True)
-    print()
+        print(f"{done}/{len(paths)} written to {lq_dir}", flush=True)
     if skipped:
         raise SystemExit(f"error: {skipped} of {len(paths)} images skipped (named above)")
 
@@ -562,17 +573,16 @@ def main(argv=None):
 IMG_EXTS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 
-def list_images(folder):
-    """Sorted image paths in folder (by extension); a clear error if the folder is missing."""
-    if not os.path.isdir(folder):
-        raise SystemExit(f"error: {folder}: not a folder")
-    names = (f for f in os.listdir(folder) if f.lower().endswith(IMG_EXTS))
+def list_images(folder):  # sorted image paths in folder (by extension)
+    try:
+        names = [f for f in os.listdir(folder) if f.lower().endswith(IMG_EXTS)]
+    except OSError as e:  # missing, a file, no permission
+        raise SystemExit(f"error: {folder}: not a folder we can read ({e.strerror})")
     return sorted(os.path.join(folder, f) for f in names)
 
 
 def read_image(path):
-    """Image file -> float32 (C,H,W) in [0,1]: C=3 (RGB), or 4 when it has alpha. 16-bit aware.
-    Raises ValueError naming the file when it cannot be read."""
+    """Image file -> float32 (C,H,W) in [0,1], C=4 with alpha; ValueError if it is unreadable."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -586,37 +596,31 @@ def read_image(path):
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
-def to_uint8(img):
-    """float [0,1] -> uint8, rounded like the reference (clamp, *255, round)."""
+def to_uint8(img):  # float [0,1] -> uint8, rounded like the reference (clamp, *255, round)
     return (img.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8)
 
 
 def upscale_bicubic(img, scale=4):
-    """uint8 (3,H,W) -> uint8 (3,sH,sW) with PIL's bicubic: the convention of the README's bicubic
-    floor (26.35 dB on val; torch's bicubic, another kernel, gives 26.27)."""
+    """uint8 (3,H,W) -> (3,sH,sW) by PIL's bicubic: the README's floor (26.35 dB on val; torch's
+    bicubic, another kernel, gives 26.27)."""
     im = Image.fromarray(img.cpu().permute(1, 2, 0).numpy())
     big = im.resize((im.width * scale, im.height * scale), Image.BICUBIC)
     return torch.from_numpy(np.array(big)).permute(2, 0, 1)
 
 
 def save_atomic(path, write):
-    """write(temporary path) in path's folder, then rename it to path: a crash or a full disk never
+    """write(temporary path) next to path, then rename it to path: a crash or a full disk never
     leaves a half-written file, and an existing file stays intact until the new one is complete."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix='.tmp')
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process; made by write, as a plain open() would
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions of a plain open(), not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_image(path, img):
-    """(C,H,W) float [0,1] or uint8 -> PNG at path, atomically."""
+def write_image(path, img):  # (C,H,W) float [0,1] or uint8 -> PNG at path, atomically
     a = (img if img.dtype == torch.uint8 else to_uint8(img)).cpu().permute(1, 2, 0).numpy()
     a = a[..., 0] if a.shape[2] == 1 else a
     save_atomic(path, lambda tmp: Image.fromarray(a).save(tmp, format='PNG'))
@@ -632,16 +636,14 @@ def _prepare(pred, gt, crop_border, y_channel):  # float64, y_channel: basicsr's
     return (pred[:, c:-c, c:-c], gt[:, c:-c, c:-c]) if c else (pred, gt)
 
 
-def psnr(pred, gt, crop_border=0, y_channel=False):
-    """PSNR of two uint8 (3,H,W) images; default = the challenge convention (RGB, all pixels)."""
+def psnr(pred, gt, crop_border=0, y_channel=False):  # uint8 (3,H,W); default: the challenge's
     pred, gt = _prepare(pred, gt, crop_border, y_channel)
     mse = ((pred - gt) ** 2).mean().item()
     return float('inf') if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
 
 
 def ssim(pred, gt, crop_border=0, y_channel=True):
-    """SSIM of two uint8 (3,H,W) images: 11x11 Gaussian window (sigma 1.5), valid region,
-    mean over channels; y_channel=True is the usual face-SR report convention."""
+    """SSIM of uint8 (3,H,W): 11x11 Gaussian window (sigma 1.5), valid region, channel mean."""
     pred, gt = _prepare(pred, gt, crop_border, y_channel)
     g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
     win = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None].to(pred.device)
@@ -655,24 +657,20 @@ def ssim(pred, gt, crop_border=0, y_channel=True):
 
 
 def configure(g, argv=None):
-    """Override the config globals in dict g (lower-case names not starting with '_', valued int,
-    float, bool, str, list, tuple or None) from --key=value arguments: Python literals
-    (ast.literal_eval), a str setting takes the text as is, an int passes for a float, a bare
-    --key sets a bool to True. Unknown keys and wrong types exit with one line naming the flag;
-    --help prints g's docstring and every setting, its default and its comment in g's file.
-    Returns (positional arguments, resolved config dict)."""
+    """Override the config globals in g (lower-case, no '_', of plain types) from --key=value:
+    Python literals, a str setting takes the text as is, a bare --key sets a bool; one error line
+    for an unknown key or a wrong type; --help: g's docstring and each setting with its comment.
+    Returns (positional arguments, resolved config)."""
     argv = sys.argv[1:] if argv is None else argv
     keys = [k for k, v in g.items() if k.islower() and not k.startswith('_')
             and isinstance(v, (int, float, bool, str, list, tuple, type(None)))]
     if '-h' in argv or '--help' in argv:
-        comments = {}  # from the `name = value  # comment` lines of g's file
-        if os.path.isfile(g.get('__file__') or ''):
-            with open(g['__file__'], encoding='utf-8') as f:
-                for name, _, rest in (line.partition(' = ') for line in f):
-                    comments.setdefault(name, rest.partition('  # ')[2].strip())
+        source = g.get('__file__') or ''
+        source = open(source, encoding='utf-8').read() if os.path.isfile(source) else ''
+        comments = dict(reversed(re.findall(r'^(\w+) = .*?  # (.+)$', source, re.M)))  # 1st one
         print((g.get('__doc__') or '').strip() + '\n\nsettings (--key=value):')
         for k in keys:
-            print(f"  --{k}={g[k]!r}" + (f"  # {comments[k]}" if comments.get(k) else ''))
+            print(f"  --{k}={g[k]!r}" + (f"  # {comments[k].strip()}" if k in comments else ''))
         raise SystemExit(0)
     positional = []
     for arg in argv:
@@ -707,16 +705,14 @@ def _parse_value(key, text, default):
     return value
 
 
-def pick_device(name=''):
-    """'' picks cuda, then mps, then cpu; otherwise the named device, checked."""
+def pick_device(name=''):  # '' picks cuda, then mps, then cpu; otherwise the named one, checked
     if not name:
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        mps = getattr(torch.backends, 'mps', None)
-        return torch.device('mps' if mps is not None and mps.is_available() else 'cpu')
+        mps = torch.backends.mps.is_available()
+        return torch.device('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
     try:
         dev = torch.device(name)
         torch.empty(1, device=dev)
+        torch.Generator(dev)  # the degradation's random choices ('meta' has no generator)
     except (RuntimeError, AssertionError) as e:
         raise SystemExit(f"error: --device={name}: not usable here ({str(e).splitlines()[0]})")
     return dev

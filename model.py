@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 
 import torch
@@ -36,6 +36,22 @@ class SwinIRConfig:
     mlp_ratio: float = 2.0
     upsampler: str = 'pixelshuffledirect'  # or 'pixelshuffle', 'nearest+conv' (real-world)
     resi_connection: str = '1conv'  # or '3conv'
+
+    def __post_init__(self):  # a flag or a file's model_args out of range: ValueError naming it
+        pos = lambda v, t=int: type(v) in (int, t) and v > 0  # noqa: E731
+        ints = lambda v: type(v) in (list, tuple) and len(v) > 0 and all(map(pos, v))  # noqa: E731
+        rules = [(f.name, lambda v, t=f.type: pos(v, t), 'a number > 0' if f.type is float else
+                  'an int > 0') for f in fields(self) if f.type in (int, float)] + [
+            ('depths', ints, 'a list of ints > 0'),
+            ('num_heads', lambda v: ints(v) and len(v) == len(self.depths) and not any(
+                self.embed_dim % h for h in v), 'ints > 0, one per depth, each dividing embed_dim'),
+            ('upsampler', lambda v, s=self.upscale: v == 'pixelshuffledirect' or
+             v == 'nearest+conv' and s == 4 or v == 'pixelshuffle' and (s == 3 or s & (s - 1) == 0),
+             f"pixelshuffledirect, pixelshuffle (x2^n, x3), nearest+conv (x4) for x{self.upscale}"),
+            ('resi_connection', lambda v: v in ('1conv', '3conv'), "'1conv' or '3conv'")]
+        for key, valid, expected in rules:  # in order: each may assume the ones before it hold
+            if not valid(getattr(self, key)):
+                raise ValueError(f"{key}={getattr(self, key)!r}: expected {expected}")
 
 
 class WindowPlan:
@@ -114,11 +130,9 @@ class SwinTransformerBlock(nn.Module):
 def _resi_conv(dim, kind):
     if kind == '1conv':
         return nn.Conv2d(dim, dim, 3, 1, 1)
-    if kind == '3conv':  # official: fewer parameters
-        return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, True),
-                             nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, True),
-                             nn.Conv2d(dim // 4, dim, 3, 1, 1))
-    raise ValueError(f"resi_connection: expected '1conv' or '3conv', got {kind!r}")
+    return nn.Sequential(nn.Conv2d(dim, dim // 4, 3, 1, 1), nn.LeakyReLU(0.2, True),  # '3conv'
+                         nn.Conv2d(dim // 4, dim // 4, 1, 1, 0), nn.LeakyReLU(0.2, True),
+                         nn.Conv2d(dim // 4, dim, 3, 1, 1))  # official: fewer parameters
 
 
 class RSTB(nn.Module):
@@ -154,10 +168,6 @@ class SwinIR(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.conv_after_body = _resi_conv(dim, cfg.resi_connection)
         steps = [3] if cfg.upscale == 3 else [2] * (cfg.upscale.bit_length() - 1)  # pixelshuffle
-        if not {'pixelshuffledirect': True, 'nearest+conv': cfg.upscale == 4,
-                'pixelshuffle': cfg.upscale in (3, 2 ** len(steps))}.get(cfg.upsampler):
-            raise ValueError(f"upsampler {cfg.upsampler!r}, upscale {cfg.upscale}: expected "
-                             "pixelshuffledirect, pixelshuffle (2^n or 3) or nearest+conv (4)")
         if cfg.upsampler == 'pixelshuffledirect':
             self.upsample = nn.Sequential(nn.Conv2d(dim, cfg.upscale ** 2 * out_ch, 3, 1, 1),
                                           nn.PixelShuffle(cfg.upscale))
@@ -219,10 +229,8 @@ TABLE0 = 'layers.0.residual_group.blocks.0.attn.relative_position_bias_table'
 def extract_state_dict(obj):
     """Our checkpoint ('ema', then 'model'; 'model_args'), an official file ('params_ema', then
     'params') or a plain state dict -> (state dict minus module./_orig_mod., model_args or None)."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a dict, got {type(obj).__name__}")
-    sd = next((obj[k] for k in ('ema', 'model', 'params_ema', 'params')
-               if isinstance(obj.get(k), dict)), obj)
+    sd = isinstance(obj, dict) and next((obj[k] for k in ('ema', 'model', 'params_ema', 'params')
+                                         if isinstance(obj.get(k), dict)), obj)
     if not sd or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise ValueError("no state dict found (expected a plain state dict or one under 'ema', "
                          "'model', 'params_ema' or 'params')")
@@ -258,22 +266,21 @@ def infer_config(sd):
                         upsampler=upsampler, resi_connection=resi)
 
 
-def _mismatch(name, sd, expected):
-    """A line per problem: missing, unexpected, wrong-shape keys (a few each); a config to fit."""
+def _check_fit(name, sd, expected):
+    """ValueError, a line per problem: missing, unexpected, wrong-shape keys; a config to fit."""
     missing, unexpected = [k for k in expected if k not in sd], [k for k in sd if k not in expected]
     shapes = [f'{k} {tuple(sd[k].shape)} vs {tuple(t.shape)}' for k, t in expected.items()
               if k in sd and sd[k].shape != t.shape]
     found = ('missing', missing), ('unexpected', unexpected), ('wrong shape file vs model', shapes)
-    if not (missing or unexpected or shapes):
-        return None
-    lines = [f"{name}: the weights do not fit the SwinIR config"]
-    lines += [f"  {what} ({len(ks)}): {', '.join(ks[:5])}{', ...' if len(ks) > 5 else ''}"
-              for what, ks in found if ks]
+    lines = [f"  {what} ({len(ks)}): {', '.join(ks[:5])}{', ...' if len(ks) > 5 else ''}"
+             for what, ks in found if ks]
+    if not lines:
+        return
     try:
         lines.append(f"  a config that would fit: {asdict(infer_config(sd))}")
     except ValueError as e:
         lines.append(f"  no SwinIR config fits: {e}")
-    return '\n'.join(lines)
+    raise ValueError('\n'.join([f"{name}: the weights do not fit the SwinIR config", *lines]))
 
 
 def load_torch_file(path, what):
@@ -286,26 +293,19 @@ def load_torch_file(path, what):
         raise ValueError(f"{path}: cannot read {what} ({type(e).__name__}{why})") from None
 
 
-def load_generator(ckpt, config=None):
+def load_generator(ckpt):
     """Checkpoint path or loaded dict -> (SwinIR in eval mode, SwinIRConfig). Config: model_args in
-    the file, else `config`, else inferred from the key shapes. Problems: ValueError, path first."""
+    the file, else inferred from the key shapes. Any problem: ValueError, the path first."""
     name = ckpt if isinstance(ckpt, str) else '<checkpoint>'
     obj = load_torch_file(name, 'a SwinIR checkpoint') if isinstance(ckpt, str) else ckpt
-    try:
+    try:  # TypeError: an unknown model_args key; RuntimeError: a model too big to build
         sd, args = extract_state_dict(obj)
-    except ValueError as e:
+        cfg = SwinIRConfig(**args) if args is not None else infer_config(sd)
+        model = SwinIR(cfg)
+    except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(f"{name}: cannot read a SwinIR checkpoint ({e})") from None
     sd = {k: t for k, t in sd.items() if not k.endswith(('relative_position_index', 'attn_mask'))}
-    try:
-        cfg = config if args is None else args
-        cfg = cfg if isinstance(cfg, SwinIRConfig) else infer_config(sd) if cfg is None else (
-            SwinIRConfig(**cfg))
-        model = SwinIR(cfg)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: bad SwinIR config ({e})") from None
-    problem = _mismatch(name, sd, model.state_dict())
-    if problem:
-        raise ValueError(problem)
+    _check_fit(name, sd, model.state_dict())
     model.load_state_dict(sd)
     return model.eval(), cfg
 

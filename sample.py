@@ -179,8 +179,8 @@ def load_model(dev):
         raise SystemExit(f"error: --ckpt={path}: {why} (train.py and interpolate.py write them)")
     try:
         model, cfg = load_generator(path)  # model_args, else the architecture the shapes describe
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    except ValueError as e:  # its message starts with the path
+        raise SystemExit(f"error: {'--ckpt=' if ckpt else ''}{e}")
     n = sum(t.numel() for t in model.parameters())
     print(f"model: {path} (SwinIR embed {cfg.embed_dim}, depths {cfg.depths}, window "
           f"{cfg.window_size}, {cfg.upsampler} x{cfg.upscale}, {n:,} parameters)")

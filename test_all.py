@@ -387,7 +387,7 @@ def test_degrade_overrides():
     assert degrade.degrade(gt, scale=2)[0].shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match='resize_probb'):
         degrade.degrade(gt, resize_probb=[1, 0, 0])
-    assert set(degrade._VALID) == set(degrade._OPTIONS)  # every option has its valid values
+    assert set(degrade._OPTIONS) < set(degrade._VALID)  # every option has its valid values
     p = degrade.draw_params(500, generator=torch.Generator().manual_seed(0), resize_prob=[0, 0, 1],
                             jpeg_range=[60, 61])
     assert (p['first']['scale'] == 1).all()
@@ -408,8 +408,12 @@ def test_degrade_overrides():
     (dict(noise_range2=[-1, 5]), 'noise_range2=[-1, 5]: expected [lo, hi] with 0 <= lo <= hi'),
     (dict(poisson_scale_range=(2, 1)), 'poisson_scale_range=(2, 1): expected [lo, hi]'),
     (dict(jpeg_range2=[50, 101]), 'jpeg_range2=[50, 101]: expected [lo, hi], 1 <= lo <= hi <= 100'),
-    (dict(scale=0), 'scale=0: expected an int >= 1'),
-    (dict(scale=2.0), 'scale=2.0: expected an int >= 1'),
+    (dict(scale=0), 'scale=0: expected an int in [1, 512]'),
+    (dict(scale=2.0), 'scale=2.0: expected an int in [1, 512]'),
+    (dict(scale=513), 'scale=513: expected an int in [1, 512]'),
+    (dict(first_order_prob=-0.1), 'first_order_prob=-0.1: expected a probability in [0, 1]'),
+    (dict(first_order_prob=1.01), 'first_order_prob=1.01: expected a probability in [0, 1]'),
+    (dict(first_order_prob=[0.3]), 'first_order_prob=[0.3]: expected a probability'),
 ])
 def test_degrade_rejects_options_out_of_range(override, expected):
     with pytest.raises(ValueError, match=re.escape(expected)):
@@ -463,6 +467,30 @@ def test_drawn_options_occur_with_the_configured_probabilities():
     frequencies(p['final']['sinc'], [0.2, 0.8])
     frequencies(p['final']['resize_first'], [0.5, 0.5])
     frequencies(p['final']['mode'], [1 / 3] * 3)
+
+
+def test_first_order_prob_off_keeps_the_stream_on_makes_first_order_samples():
+    gt, seed = smooth_faces(3), lambda: torch.Generator().manual_seed(4)
+    assert torch.equal(degrade.degrade(gt, seed(), first_order_prob=0)[0],
+                       degrade.degrade(gt, seed())[0])
+    # off, the flag is not drawn: the same draws as a tiny probability, one rand(n) fewer after
+    g_off, g_on = seed(), seed()
+    off = degrade.draw_params(5, generator=g_off, first_order_prob=0.0)
+    on = degrade.draw_params(5, generator=g_on, first_order_prob=1e-12)
+    assert not off['final']['first_order'].any() and not on['final']['first_order'].any()
+    assert all(torch.equal(v, on[s][k]) for s in off for k, v in off[s].items())
+    torch.rand(5, generator=g_off, dtype=torch.float64)
+    assert torch.equal(torch.rand(5, generator=g_off), torch.rand(5, generator=g_on))
+    n = 20000
+    mild = degrade.draw_params(n, generator=seed(), first_order_prob=0.3)['final']['first_order']
+    assert abs(mild.double().mean() - 0.3) < 5 * math.sqrt(0.3 * 0.7 / n)
+    lq, _, p = degrade.degrade(gt, seed(), return_params=True, first_order_prob=1)
+    second, final = p['second'], p['final']
+    assert lq.shape == (3, 3, 16, 16) and torch.isfinite(lq).all() and final['first_order'].all()
+    assert not second['blur'].any() and not final['sinc'].any() and (second['scale'] == 1).all()
+    assert (second['sigma'] == 0).all() and (second['poisson'] == 0).all()
+    default = degrade.draw_params(3, generator=seed())['first']
+    assert all(torch.equal(v, p['first'][k]) for k, v in default.items())  # same first stage
 
 
 # ------------------------------------------------- the distribution of the reference val LQ
@@ -541,36 +569,91 @@ def test_cli_writes_lq_and_names_bad_images(tmp_path, capsys, degrade_config):
     for i, img in enumerate(smooth_faces(2, 512)):
         degrade.write_image(str(gt_dir / f'{i:05d}.png'), img)
     (gt_dir / 'broken.png').write_bytes(b'not a png')
+    (gt_dir / 'empty.jpg').write_bytes(b'')
+    (gt_dir / 'dir.png').mkdir()
+    (gt_dir / 'trunc.png').write_bytes((gt_dir / '00000.png').read_bytes()[:2000])
     degrade.write_image(str(gt_dir / 'small.png'), smooth_faces(1, 64)[0])
-    with pytest.raises(SystemExit, match='2 of 4 images skipped'):
-        degrade.main([str(gt_dir), str(lq_dir), '--seed=1', '--jpeg_range=[60,95]'])
+    with pytest.raises(SystemExit, match='error: 5 of 7 images skipped'):
+        degrade.main([str(gt_dir), str(lq_dir), '--seed=1', '--jpeg_range=[60,95]',
+                      '--batch_size=2'])
     out = capsys.readouterr().out
     assert "'seed': 1" in out and "'jpeg_range': [60, 95]" in out  # the resolved config
-    assert 'broken.png: cannot read image' in out
-    assert 'small.png: expected a 512x512 image, got 64x64' in out and '2/4 written' in out
+    for name in ('broken.png', 'empty.jpg', 'dir.png', 'trunc.png'):
+        assert f'skipped {gt_dir / name}: cannot read image' in out, name
+    assert f'skipped {gt_dir}/small.png: expected a 512x512 image, got 64x64' in out
+    assert '2/7 written' in out and 'Traceback' not in out
+    assert all(line.startswith(('config:', 'skipped ', '2/7 written')) for line in out.splitlines())
     assert sorted(os.listdir(lq_dir)) == ['00000.png', '00001.png']
     lq = degrade.read_image(str(lq_dir / '00000.png'))
     gt = torch.stack([degrade.read_image(str(gt_dir / f'{i:05d}.png')) for i in range(2)])
     assert torch.equal(degrade.to_uint8(lq), degrade.to_uint8(degrade.degrade(
         gt, torch.Generator().manual_seed(1), jpeg_range=[60, 95])[0][0]))
-    with pytest.raises(SystemExit, match='refusing'):
-        degrade.main([str(gt_dir), str(gt_dir) + '/'])
-    with pytest.raises(SystemExit, match='unknown setting --sead'):
-        degrade.main([str(gt_dir), str(lq_dir), '--sead=1'])
 
 
-@pytest.mark.parametrize('args, expected', [
+@pytest.fixture(scope='module')
+def bad_dirs(tmp_path_factory):
+    """Folders for the command line's bad inputs: one 512x512 face, and what can go wrong."""
+    d = tmp_path_factory.mktemp('bad_dirs')
+    for name in ('gt', 'empty', 'twins', 'broken', 'sizes', 'lq_blocked/0.png'):
+        (d / name).mkdir(parents=True)
+    degrade.write_image(str(d / 'gt' / '0.png'), smooth_faces(1, 512)[0])
+    (d / 'afile').write_text('a file, not a folder')
+    for name in ('a.png', 'a.jpg'):
+        degrade.write_image(str(d / 'twins' / name), smooth_faces(1, 8)[0])
+    (d / 'broken' / 'x.png').write_bytes(b'not an image')
+    for size in (16, 32):
+        degrade.write_image(str(d / 'sizes' / f'{size}.png'), smooth_faces(1, size)[0])
+    return d
+
+
+CLI_BAD = [
     (['--jpeg_range=[50,120]'], 'error: --jpeg_range=[50, 120]: expected [lo, hi], 1 <= lo <= hi'),
     (['--sinc_prob=2'], 'error: --sinc_prob=2.0: expected a probability in [0, 1]'),
-    (['--scale=0'], 'error: --scale=0: expected an int >= 1'),
-    (['--batch_size=0'], 'error: --batch_size=0, --threads=0: expected batch_size >= 1'),
+    (['--first_order_prob=-1'], 'error: --first_order_prob=-1.0: expected a probability'),
+    (['--kernel_prob=[1,1,1]'], 'error: --kernel_prob=[1, 1, 1]: expected 6 weights >= 0'),
+    (['--scale=0'], 'error: --scale=0: expected an int in [1, 512]'),
+    (['--scale=1000'], 'error: --scale=1000: expected an int in [1, 512]'),
+    (['--batch_size=0'], 'error: --batch_size=0: expected an int >= 1'),
+    (['--threads=-1'], 'error: --threads=-1: expected an int in [0, '),
+    (['--threads=100000'], 'error: --threads=100000: expected an int in [0, '),
+    (['--seed=-1'], 'error: --seed=-1: expected an int in [0, 2**64)'),
+    (['--seed=18446744073709551616'], 'error: --seed=18446744073709551616: expected an int in'),
+    (['--device=bogus'], 'error: --device=bogus: not usable here'),
+    (['--device=meta'], 'error: --device=meta: not usable here'),
     (['--resize_prob=0.5'], 'error: --resize_prob expects list'),
-    (['gt/'], 'usage: python degrade.py GT_DIR LQ_DIR'),
-    (['--bench', 'a/', 'b/'], 'usage: python degrade.py GT_DIR LQ_DIR'),
-])
-def test_cli_bad_settings_one_line(args, expected, degrade_config):
-    with pytest.raises(SystemExit, match=re.escape(expected)):
-        degrade.main(args)
+    (['--seed=abc'], "error: --seed expects int (like 0), got 'abc'"),
+    (['--seed=1.5'], "error: --seed expects int (like 0), got '1.5'"),
+    (['--bench=maybe'], "error: --bench expects bool (like False), got 'maybe'"),
+    (['--seed'], 'error: --seed needs a value: --seed=VALUE'),
+    (['--sead=1'], 'error: unknown setting --sead (known: kernel_prob'),
+    (['{d}/gt'], "error: expected GT_DIR LQ_DIR, or --bench [GT_DIR]; got ["),
+    (['{d}/gt', '{d}/out', 'extra'], 'error: expected GT_DIR LQ_DIR, or --bench [GT_DIR]'),
+    (['--bench', '{d}/gt', '{d}/out'], 'error: expected GT_DIR LQ_DIR, or --bench [GT_DIR]'),
+    (['{d}/missing', '{d}/out'], 'error: {d}/missing: not a folder we can read (No such file'),
+    (['{d}/afile', '{d}/out'], 'error: {d}/afile: not a folder we can read (Not a directory)'),
+    (['{d}/empty', '{d}/out'], 'error: {d}/empty: no images (.png .jpg .jpeg .webp .bmp)'),
+    (['{d}/gt', '{d}/gt/'], 'error: LQ_DIR {d}/gt/ is GT_DIR: refusing to write into it'),
+    (['{d}/gt', '{d}/afile'], 'error: LQ_DIR {d}/afile: cannot be made a folder (File exists)'),
+    (['{d}/gt', '{d}/afile/sub'], 'error: LQ_DIR {d}/afile/sub: cannot be made a folder (Not a'),
+    (['{d}/gt', '{d}/lq_blocked'], 'error: {d}/lq_blocked/0.png: cannot write (Is a directory)'),
+    (['{d}/twins', '{d}/out'], 'error: {d}/twins/a.jpg and {d}/twins/a.png: one LQ name'),
+    (['--bench', '{d}/missing'], 'error: {d}/missing: not a folder we can read'),
+    (['--bench', '{d}/empty'], 'error: {d}/empty: no images'),
+    (['--bench', '{d}/broken'], 'error: --bench {d}/broken: {d}/broken/x.png: cannot read image'),
+    (['--bench', '{d}/sizes'], 'error: --bench {d}/sizes: stack expects each tensor to be equal'),
+]
+
+
+@pytest.mark.parametrize('args, expected', CLI_BAD, ids=[' '.join(a) for a, _ in CLI_BAD])
+def test_cli_bad_settings_one_line(args, expected, bad_dirs, degrade_config, capsys):
+    # one line starting error: (no traceback), and no file written, moved or removed
+    before = sorted(os.walk(bad_dirs))
+    with pytest.raises(SystemExit) as e:
+        degrade.main([a.format(d=bad_dirs) for a in args])
+    message = str(e.value.code)
+    assert message.startswith(expected.format(d=bad_dirs)) and '\n' not in message, message
+    assert sorted(os.walk(bad_dirs)) == before
+    assert 'Traceback' not in capsys.readouterr().out
 
 
 def test_cli_help_and_bench(tmp_path, capsys, degrade_config):
@@ -751,25 +834,48 @@ def test_load_generator_mismatch_and_bad_files(tmp_path):
     path = str(tmp_path / 'g.pt')
     bad = dict(sd, extra=torch.zeros(1))
     del bad['conv_first.bias']
-    torch.save({'model': bad, 'model_args': dict(asdict(MODEL_TINY), embed_dim=16)}, path)
+    torch.save({'model': bad, 'model_args': dict(asdict(MODEL_TINY), embed_dim=18)}, path)
     with pytest.raises(ValueError) as e:
         model.load_generator(path)
     msg = str(e.value)
     assert msg.startswith(path) and 'missing (1): conv_first.bias' in msg
     assert 'unexpected (1): extra' in msg
-    assert 'wrong shape' in msg and 'conv_first.weight (12, 3, 3, 3) vs (16, 3, 3, 3)' in msg
+    assert 'wrong shape' in msg and 'conv_first.weight (12, 3, 3, 3) vs (18, 3, 3, 3)' in msg
     assert "a config that would fit: {'upscale': 4" in msg and "'embed_dim': 12" in msg
-    with pytest.raises(ValueError, match="window_size': 4"):  # config given, weights from another
-        model.load_generator({'params': sd}, model.SwinIRConfig(embed_dim=12, depths=[2, 1],
-                                                                num_heads=[2, 3]))
+    net, cfg = model.load_generator({'params': sd})  # no model_args: the shapes say the config
+    assert cfg == MODEL_TINY and torch.equal(net.state_dict()['conv_first.weight'],
+                                             sd['conv_first.weight'])
     (tmp_path / 'junk.pt').write_bytes(b'junk')
     for obj, what in ((str(tmp_path / 'junk.pt'), 'junk.pt: cannot read'),
                       (str(tmp_path / 'none.pt'), 'none.pt'),
                       ({'config': {}}, 'no state dict found'),
-                      ({'model': sd, 'model_args': {'bad_key': 1}}, 'bad SwinIR config'),
+                      ([1, 2], 'no state dict found'),
+                      ({'model': sd, 'model_args': {'bad_key': 1}}, "argument 'bad_key'"),
                       ({'a.weight': torch.zeros(1)}, 'not a SwinIR state dict')):
         with pytest.raises(ValueError, match=what):
             model.load_generator(obj)
+    # model_args out of range or of the wrong type (issue 15): one ValueError naming file and field
+    for args, what in (({'embed_dim': -1}, 'embed_dim=-1: expected an int > 0'),
+                       ({'embed_dim': 2.5}, 'embed_dim=2.5: expected an int > 0'),
+                       ({'depths': 'x'}, "depths='x': expected a list of ints > 0"),
+                       ({'depths': [2, 0]}, 'depths=[2, 0]'), ({'depths': None}, 'depths=None'),
+                       ({'num_heads': [5, 3]}, 'num_heads=[5, 3]: expected ints > 0, one per'),
+                       ({'num_heads': [2]}, 'num_heads=[2]: expected'),
+                       ({'window_size': 0}, 'window_size=0: expected an int > 0'),
+                       ({'mlp_ratio': 0}, 'mlp_ratio=0: expected a number > 0'),
+                       ({'img_range': '1'}, "img_range='1': expected a number > 0"),
+                       ({'upscale': True}, 'upscale=True: expected an int > 0'),
+                       ({'upsampler': 'x'}, "upsampler='x': expected pixelshuffledirect"),
+                       ({'upsampler': 'nearest+conv', 'upscale': 2}, "for x2"),
+                       ({'resi_connection': 3}, "resi_connection=3: expected '1conv' or '3conv'"),
+                       ({'embed_dim': 10 ** 12}, 'cannot read a SwinIR checkpoint')):  # too big
+        torch.save({'model': sd, 'model_args': {**asdict(MODEL_TINY), **args}}, path)
+        with pytest.raises(ValueError) as e:
+            model.load_generator(path)
+        assert str(e.value).startswith(f'{path}: cannot read a SwinIR checkpoint (')
+        assert what in str(e.value) and '\n' not in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match='num_heads'):  # the same check for a config in code
+        model.SwinIRConfig(embed_dim=12, depths=[2], num_heads=[5])
 
 
 def test_extract_state_dict_prefers_ema_and_strips_prefixes():
@@ -1072,6 +1178,9 @@ def broken(tmp_path_factory):
     torch.save([1, 2, 3], d / 'list.pt')
     torch.save({'model': net.state_dict(), 'model_args': {**asdict(net.config), 'embed_dim': 16}},
                d / 'wrong_args.pt')
+    for name, args in (('bad_args', {'embed_dim': -1}), ('bad_key', {'heads': 2})):  # out of range
+        torch.save({'model': net.state_dict(), 'model_args': {**asdict(net.config), **args}},
+                   d / f'{name}.pt')
     (d / 'afile').write_text('a file, not a folder')
     return d
 
@@ -1099,6 +1208,12 @@ SAMPLE_BAD = [  # (arguments, what the one error line says); {d}: the `broken` f
     (['--ckpt={d}/no_swinir.pt'], 'no_swinir.pt'),
     (['--ckpt={d}/list.pt'], 'list.pt: cannot read'),
     (['--ckpt={d}/wrong_args.pt'], 'wrong_args.pt: the weights do not fit'),
+    (['--ckpt={d}/bad_args.pt'], 'bad_args.pt: cannot read a SwinIR checkpoint (embed_dim=-1: '),
+    (['--ckpt={d}/bad_key.pt'], "bad_key.pt: cannot read a SwinIR checkpoint (SwinIRConfig"),
+    (['--compare_height=5000'], '--compare_height=5000: expected an int in [1, 4096]'),
+    (['--compare=maybe'], '--compare expects bool'),
+    (['--gt_dir={d}/afile'], "--gt_dir='{d}/afile': expected a folder of images"),
+    (['{d}/good/a.png', '--out_dir={d}/good'], 'would be overwritten'),  # an input file's folder
 ]
 
 
@@ -1379,6 +1494,12 @@ INTERP_BAD = [  # (arguments, what the one error line says); {d}: the `broken` f
     (['0.5', '--out='], "--out=: a folder"),
     (['0.5', '--out={p}/gan.pt'], 'is one of the inputs: it would be overwritten'),
     (['0.5', '--out={d}/afile/x.pt'], '{d}/afile is a file, not a folder'),
+    (['0.5', '--psnr={d}/bad_args.pt'], '--psnr={d}/bad_args.pt: cannot read a SwinIR checkpoint '
+                                        '(embed_dim=-1: expected an int > 0)'),
+    (['0.5', '--gan={d}/bad_key.pt'], "--gan={d}/bad_key.pt: cannot read a SwinIR checkpoint"),
+    (['0.5', '--gan={d}/wrong_args.pt'], '--gan={d}/wrong_args.pt: the weights do not fit'),
+    ([''], "got ''"),
+    (['0.5', '--psnr='], '--psnr=: no such file'),
 ]
 
 
@@ -1577,54 +1698,154 @@ def test_two_process_gloo_run_ends_with_identical_weights(data, tmp_path):
     assert sums.keys() == {'0', '1'} and sums['0'] == sums['1'] == h.hexdigest()[:16]
 
 
-def error_line(*args):
-    with pytest.raises(SystemExit) as e:
-        train(*args)
-    message = str(e.value.code)
-    assert message.startswith('error: ') and '\n' not in message
-    return message
+@pytest.fixture(scope='module')
+def train_broken(psnr_ckpt, tmp_path_factory):
+    """Every kind of broken input train.py may get; run folders with a ckpt.pt to keep intact."""
+    d = tmp_path_factory.mktemp('train_broken')
+    faces(str(d / 'bad'), 2)
+    Image.new('RGB', (40, 64)).save(d / 'bad' / 'small.jpg')
+    (d / 'bad' / 'broken.png').write_bytes(b'not a png')
+    (d / 'bad' / 'notes.txt').write_text('hello')
+    os.makedirs(d / 'empty')
+    os.makedirs(d / 'broken_only')
+    (d / 'broken_only' / 'a.png').write_bytes(b'')
+    (d / 'afile').write_text('a file, not a folder')
+    faces(str(d / 'val_nolq' / 'GT'), 2)
+    faces(str(d / 'val_unpaired' / 'GT'), 2)
+    faces(str(d / 'val_unpaired' / 'LQ'), 1, size=16)
+    faces(str(d / 'val_size' / 'GT'), 1)
+    faces(str(d / 'val_size' / 'LQ'), 1, size=20)
+    faces(str(d / 'val_broken' / 'GT'), 1)
+    os.makedirs(d / 'val_broken' / 'LQ')
+    (d / 'val_broken' / 'LQ' / '000.png').write_bytes(b'\x89PNG truncated')
+    net = tiny_model(3)
+    torch.save({'model': net.state_dict(), 'model_args': asdict(net.config)}, d / 'g.pt')
+    (d / 'empty.pt').write_bytes(b'')
+    (d / 'junk.pt').write_bytes(b'junk')
+    torch.save(model.UNetDiscriminatorSN(model.UNetConfig(num_feat=4)).state_dict(), d / 'disc.pt')
+    torch.save({'step': torch.zeros(1)}, d / 'dict.pt')
+    torch.save([1, 2], d / 'list.pt')
+    for name, change in (('mismatch', {'embed_dim': 16}), ('badargs', {'embed_dim': -1})):
+        torch.save({'model': net.state_dict(), 'model_args': {**asdict(net.config), **change}},
+                   d / f'{name}.pt')
+    run = os.path.dirname(psnr_ckpt)  # a real psnr run: ckpt.pt and log.jsonl
+    real = open(os.path.join(run, 'ckpt.pt'), 'rb').read()
+    for name, ckpt in (('run', b'precious'), ('run_trunc', real[:5000]), ('run_nolog', real),
+                       ('run_other', (d / 'g.pt').read_bytes()), ('run_badlog', real),
+                       ('run_list', (d / 'list.pt').read_bytes())):
+        os.makedirs(d / name)
+        (d / name / 'ckpt.pt').write_bytes(ckpt)
+    (d / 'run_badlog' / 'log.jsonl').write_text('not json\n')
+    return d, run
 
 
-def test_bad_data_gives_one_line_errors(data, tmp_path):
-    bad = tmp_path / 'bad'
-    faces(str(bad), 2)
-    Image.new('RGB', (40, 64)).save(bad / 'small.jpg')
-    (bad / 'broken.png').write_bytes(b'not a png')
-    (bad / 'notes.txt').write_text('hello')
-    out = f'--out_dir={tmp_path / "o"}'
-    msg = error_line(*TRAIN_TINY, f'--data_dir={bad}', out)
-    assert str(bad) in msg and 'small (40x64 < --gt_size=64)' in msg
-    assert 'broken.png (unreadable)' in msg and 'notes.txt (not an image file)' in msg
-    assert 'not a folder' in error_line(*TRAIN_TINY, f'--data_dir={tmp_path / "missing"}', out)
-    os.makedirs(tmp_path / 'empty')
-    assert 'no images' in error_line(*TRAIN_TINY, f'--data_dir={tmp_path / "empty"}', out)
-    val = tmp_path / 'val'
-    faces(str(val / 'GT'), 2)
-    faces(str(val / 'LQ'), 1, size=16)
-    assert 'unpaired: 001' in error_line(*TRAIN_TINY, data[0], f'--val_dir={val}', out)
-    assert 'LQ' in error_line(*TRAIN_TINY, data[0], f'--val_dir={tmp_path}', out)
-    os.remove(val / 'GT' / '001.png')
-    faces(str(val / 'LQ'), 1, size=20)
-    assert '20x20, not 1/4 of its GT (64x64)' in error_line(*TRAIN_TINY, data[0], f'--val_dir={val}', out)
-    assert 'ckpt.pt not found' in error_line(*TRAIN_TINY, *data, '--resume=True', out)
-    (tmp_path / 'junk.pt').write_bytes(b'junk')
-    assert 'junk.pt' in error_line(*TRAIN_TINY, *data, f'--init={tmp_path / "junk.pt"}', out)
-    os.makedirs(tmp_path / 'o')
-    (tmp_path / 'o' / 'ckpt.pt').write_bytes(b'precious')
-    assert '--resume=True' in error_line(*TRAIN_TINY, *data, out)
-    msg = error_line(*TRAIN_TINY, *data, '--resume=True', out)  # damaged: named, left as it is
-    assert 'ckpt.pt: cannot read a checkpoint' in msg
-    assert (tmp_path / 'o' / 'ckpt.pt').read_bytes() == b'precious'
+TRAIN_BAD = [  # (settings, what the one error line says); {d}: train_broken, {p}: the psnr run
+    (['--learning_rate=-1e-4'], '--learning_rate=-0.0001: expected > 0'),
+    (['--learning_rate=1e999'], '--learning_rate=inf: expected > 0'),
+    (['--ema_decay=1.5'], '--ema_decay=1.5: expected a value in [0, 1)'),
+    (['--betas=[0.9]'], '--betas=[0.9]: expected 2 in [0, 1)'),
+    (["--betas=['a',0.9]"], "--betas=['a', 0.9]: expected 2 in [0, 1)"),
+    (['--batch_size=0'], '--batch_size=0: expected > 0'),
+    (['--pool_size=1'], '--pool_size=1: expected at least --batch_size=2'),
+    (['--refill_size=8'], '--refill_size=8: expected at most --pool_size=4'),
+    (['--refill_every=0'], '--refill_every=0: expected > 0'),
+    (['--patch_size=32'], '--patch_size=32: expected at most --gt_size / 4'),
+    (['--mode=gan', '--patch_size=7'], '--patch_size=7: expected an even one'),
+    (['--gt_size=30'], '--gt_size=30: expected a multiple of 4'),
+    (['--mode=foo'], "--mode=foo: expected one of ('psnr', 'gan')"),
+    (['--psnr_loss=foo'], "--psnr_loss=foo: expected one of ('mse', 'l1')"),
+    (['--first_order_prob=2'], '--first_order_prob=2.0: expected a probability in [0, 1]'),
+    (['--dtype=float16'], "--dtype=float16: expected one of ('float32', 'bfloat16')"),
+    (['--preset=gpu'], "--preset=gpu: expected one of ('', 'cpu')"),
+    (['--max_iters=-1'], '--max_iters=-1: expected >= 0'),
+    (['--seed=-1'], '--seed=-1: expected >= 0'),
+    (['--grad_clip=-1'], '--grad_clip=-1.0: expected >= 0'),
+    (['--gan_weight=-1'], '--gan_weight=-1.0: expected >= 0'),
+    (['--adam_eps=0'], '--adam_eps=0.0: expected > 0'),
+    (['--eval_interval=0'], '--eval_interval=0: expected > 0'),
+    (['--log_interval=0'], '--log_interval=0: expected > 0'),
+    (['--bench_iters=0'], '--bench_iters=0: expected > 0'),
+    (['--disc_num_feat=0'], '--disc_num_feat=0: expected > 0'),
+    (['--layer_weights=[1,1]'], '--layer_weights=[1, 1]: expected 5 weights >= 0'),
+    (['--embed_dim=-1'], '--embed_dim=-1: expected an int > 0'),
+    (["--depths=['x']"], "--depths=['x']: expected a list of ints > 0"),
+    (['--num_heads=[5]'], '--num_heads=[5]: expected ints > 0, one per depth, each dividing'),
+    (['--depths=[2,2]'], '--num_heads=[2]: expected ints > 0, one per depth'),
+    (['--window_size=0'], '--window_size=0: expected an int > 0'),
+    (['--mlp_ratio=0'], '--mlp_ratio=0.0: expected a number > 0'),
+    (['--upsampler=foo'], "--upsampler='foo': expected pixelshuffledirect, pixelshuffle"),
+    (['--resi_connection=foo'], "--resi_connection='foo': expected '1conv' or '3conv'"),
+    (['--nope=1'], 'unknown setting --nope'),
+    (['--max_iters=abc'], "--max_iters expects int (like 200000), got 'abc'"),
+    (['--batch_size=2.5'], '--batch_size expects int'),
+    (['--depths=3'], '--depths expects list'),
+    (['--device=nonsense'], '--device=nonsense: not usable here'),
+    (['positional'], 'positional: train.py takes only --key=value settings'),
+    (['--data_dir={d}/missing'], '--data_dir={d}/missing: {d}/missing is not a folder; expected '
+                                 'aligned faces'),
+    (['--data_dir={d}/afile'], '{d}/afile is not a folder'),
+    (['--data_dir={d}/empty'], '--data_dir={d}/empty: no images; expected aligned faces'),
+    (['--data_dir={d}/broken_only'], '--data_dir={d}/broken_only: a.png (unreadable)'),
+    (['--data_dir={d}/bad'], 'broken.png (unreadable), notes.txt (not an image file), small (40x64 '
+                             '< --gt_size=64)'),
+    (['--val_dir={d}/val_nolq'], '--val_dir={d}/val_nolq: {d}/val_nolq/LQ is not a folder'),
+    (['--val_dir={d}/val_unpaired'], 'unpaired: 001; expected LQ/ and GT/ of readable images'),
+    (['--val_dir={d}/val_size'], 'LQ/000 is 20x20, GT/000 64x64; expected'),
+    (['--val_dir={d}/val_broken'], '--val_dir={d}/val_broken: 000.png (unreadable)'),
+    (['--init={d}/missing.pt'], '--init={d}/missing.pt: expected a file (--mode=psnr writes'),
+    (['--init={d}'], '--init={d}: expected a file'),
+    (['--init={d}/bad/000.png'], '--init: {d}/bad/000.png: cannot read a SwinIR checkpoint'),
+    (['--init={d}/empty.pt'], '--init: {d}/empty.pt: cannot read a SwinIR checkpoint (EOFError'),
+    (['--init={d}/junk.pt'], '--init: {d}/junk.pt: cannot read a SwinIR checkpoint'),
+    (['--init={d}/disc.pt'], "{d}/disc.pt: cannot read a SwinIR checkpoint (not a SwinIR state"),
+    (['--init={d}/dict.pt'], "{d}/dict.pt: cannot read a SwinIR checkpoint (not a SwinIR state"),
+    (['--init={d}/list.pt'], '{d}/list.pt: cannot read a SwinIR checkpoint (no state dict found'),
+    (['--init={d}/mismatch.pt'], '--init: {d}/mismatch.pt: the weights do not fit the SwinIR'),
+    (['--init={d}/badargs.pt'], '{d}/badargs.pt: cannot read a SwinIR checkpoint (embed_dim=-1'),
+    (['--resume=True'], '--resume=True: {o}/ckpt.pt: cannot read a checkpoint (FileNotFoundError'),
+    (['--resume=True', '--out_dir={d}/run'], '--resume=True: {d}/run/ckpt.pt: cannot read a '
+                                             'checkpoint (UnpicklingError)'),
+    (['--resume=True', '--out_dir={d}/run_trunc'], '{d}/run_trunc/ckpt.pt: cannot read a '
+                                                   'checkpoint ('),  # torch's error varies
+    (['--resume=True', '--out_dir={d}/run_other'], '{d}/run_other/ckpt.pt is no checkpoint of a '
+                                                   'psnr run'),
+    (['--resume=True', '--out_dir={d}/run_list'], '{d}/run_list/ckpt.pt is no checkpoint of a'),
+    (['--resume=True', '--out_dir={p}', '--mode=gan'], '{p}/ckpt.pt is no checkpoint of a gan run'),
+    (['--resume=True', '--out_dir={d}/run_nolog'], '{d}/run_nolog/log.jsonl: not a log'),
+    (['--resume=True', '--out_dir={d}/run_badlog'], '{d}/run_badlog/log.jsonl: not a log'),
+    (['--out_dir={d}/run'], '{d}/run/ckpt.pt exists: continue it (--resume=True) or pick a new'),
+    (['--out_dir={d}/afile'], '--out_dir={d}/afile: expected a writable folder'),
+    (['--out_dir={d}/afile/sub'], '--out_dir={d}/afile/sub: expected a writable folder'),
+    (['--out_dir={train}'], '--out_dir={train}: expected no input folder'),
+    (['--model_file={d}/nofolder/m.pt'], '--model_file={d}/nofolder/m.pt: expected a file in a '
+                                         'writable folder'),
+    (['--model_file={d}/afile/m.pt'], '--model_file={d}/afile/m.pt: expected a file'),
+    (['--model_file={d}/empty'], '--model_file={d}/empty: expected a file'),
+    (['--model_file={d}/g.pt', '--ema_decay=1'], '--ema_decay=1.0: expected'),  # g.pt kept
+    (['--init={d}/g.pt', '--model_file={d}/g.pt'], '--model_file={d}/g.pt: expected not --init'),
+    (['--mode=gan', '--vgg_path={d}/missing.pth'], '--vgg_path: {d}/missing.pth: VGG19 weights '
+                                                   'file not found'),
+    (['--mode=gan', '--vgg_path={d}/g.pt'], '--vgg_path: {d}/g.pt: not torchvision vgg19'),
+]
 
 
-def test_override_parser_rejects_unknown_keys_and_wrong_types(data, tmp_path):
-    out = f'--out_dir={tmp_path}'
-    assert 'unknown setting --nope' in error_line(*data, '--nope=1', out)
-    assert '--batch_size expects int' in error_line(*data, '--batch_size=2.5', out)
-    assert '--depths expects list' in error_line(*data, '--depths=3', out)
-    assert "--mode=fast: expected 'psnr' or 'gan'" in error_line(*data, '--mode=fast', out)
-    assert '--patch_size=32' in error_line(*data, '--gt_size=64', '--patch_size=32', out)
-    assert not os.listdir(tmp_path)  # nothing written
+@pytest.mark.parametrize('args,msg', TRAIN_BAD, ids=[' '.join(a) for a, _ in TRAIN_BAD])
+def test_train_bad_inputs_one_line_nothing_written(data, train_broken, args, msg, tmp_path,
+                                                   capsys):
+    """Each fails at start (before any training) with one error line: no traceback, and no file
+    written or changed, neither the inputs nor an existing run's ckpt.pt, log or model file."""
+    d, run = train_broken
+    where = {'d': d, 'p': run, 'o': tmp_path / 'o', 'train': data[0].split('=', 1)[1]}
+    before = [snapshot(folder) for folder in (d, run, os.path.dirname(where['train']))]
+    with pytest.raises(SystemExit) as e:  # any other exception would be a traceback for the user
+        train(*TRAIN_TINY, *data, f'--out_dir={tmp_path / "o"}', f'--model_file={tmp_path}/m.pt',
+              *[a.format(**where) for a in args])
+    err = str(e.value.code)
+    assert err.startswith('error: ') and msg.format(**where) in err, err
+    assert len(err.splitlines()) == 1 or 'do not fit' in err, err  # a mismatch lists the keys
+    assert 'Traceback' not in capsys.readouterr().out + err
+    assert not os.listdir(tmp_path)
+    assert [snapshot(folder) for folder in (d, run, os.path.dirname(where['train']))] == before
 
 
 def test_non_finite_step_is_skipped_and_reported(data, tmp_path, capsys, monkeypatch):
