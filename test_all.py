@@ -1360,7 +1360,7 @@ def test_fresh_clone_restores_the_photos_with_the_shipped_model(tmp_path):
 @needs_val
 @pytest.mark.skipif(not os.path.isfile(SHIPPED), reason='weights/default.pt not made yet')
 def test_shipped_model_beats_bicubic_on_val_by_the_readme_margin():
-    # README, Results: the shipped CPU preset 26.78 dB against bicubic 26.35 on the 50 val faces
+    # README, Results: the shipped --preset=cpu_hour 27.23 dB against bicubic 26.35 on the 50 val faces
     net = load_generator(SHIPPED)[0].eval()
     ours, bicubic = [], []
     for name in sorted(os.listdir(os.path.join(VAL, 'LQ'))):
@@ -1370,7 +1370,7 @@ def test_shipped_model_beats_bicubic_on_val_by_the_readme_margin():
             ours.append(degrade.psnr(degrade.to_uint8(net(lq[None].float() / 255)[0]), gt))
         bicubic.append(degrade.psnr(degrade.upscale_bicubic(lq), gt))
     gain = (sum(ours) - sum(bicubic)) / len(ours)
-    assert len(ours) == 50 and gain >= 0.40, gain
+    assert len(ours) == 50 and gain >= 0.80, gain
 
 
 def test_photos_shipped_and_chain_outputs_ignored():
@@ -1753,10 +1753,9 @@ TRAIN_BAD = [  # (settings, what the one error line says); {d}: train_broken, {p
     (['--mode=gan', '--patch_size=7'], '--patch_size=7: expected an even one'),
     (['--gt_size=30'], '--gt_size=30: expected a multiple of 4'),
     (['--mode=foo'], "--mode=foo: expected one of ('psnr', 'gan')"),
-    (['--psnr_loss=foo'], "--psnr_loss=foo: expected one of ('mse', 'l1')"),
     (['--first_order_prob=2'], '--first_order_prob=2.0: expected a probability in [0, 1]'),
     (['--dtype=float16'], "--dtype=float16: expected one of ('float32', 'bfloat16')"),
-    (['--preset=gpu'], "--preset=gpu: expected one of ('', 'cpu')"),
+    (['--preset=gpu'], "--preset=gpu: expected one of ('', 'cpu', 'cpu_hour')"),
     (['--max_iters=-1'], '--max_iters=-1: expected >= 0'),
     (['--seed=-1'], '--seed=-1: expected >= 0'),
     (['--grad_clip=-1'], '--grad_clip=-1.0: expected >= 0'),
@@ -1915,6 +1914,22 @@ def test_training_iteration_dispatches_few_ops(mode, budget, vgg_file, tmp_path,
 
 
 @needs_val
+def test_cpu_hour_preset_trains_and_is_the_shipped_model(data, tmp_path, capsys):
+    presets = run_path(TRAIN, run_name='not_main')['PRESETS']
+    hour = presets['cpu_hour']
+    assert hour['embed_dim'] == 36 and hour['first_order_prob'] == 0.25 and presets['cpu']['max_iters'] == 8000
+    # the preset as it is, on small faces for 3 iterations; explicit flags beat the preset
+    train(*data, '--preset=cpu_hour', '--gt_size=64', '--patch_size=16', '--pool_size=8', '--refill_size=4',
+          '--refill_every=2', '--max_iters=3', '--eval_interval=3', '--log_interval=1', f'--out_dir={tmp_path}')
+    out = capsys.readouterr().out
+    assert '132,186 G parameters' in out and '"first_order_prob": 0.25' in out and '"max_iters": 3,' in out
+    assert [r['iter'] for r in records(tmp_path) if 'loss' in r] == [1, 2, 3]
+    assert load(tmp_path / 'model.pt')['model_args']['depths'] == [2, 2, 2]
+    if os.path.isfile(SHIPPED):  # weights/default.pt was trained by exactly this preset
+        config = load(SHIPPED)['config']
+        assert {k: config[k] for k in hour} == hour and config['seed'] == 0
+
+
 def test_chain_psnr_gan_interpolate_sample_as_the_card_writes_it(tmp_path):
     # the four commands of the design card, in a fresh working directory, tiny models, shared faces
     shutil.copytree(os.path.join(HERE, 'photos'), tmp_path / 'photos')
