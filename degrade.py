@@ -372,7 +372,8 @@ def draw_params(n, device='cpu', generator=None, **overrides):
     final['resize_first'] = rand() < 0.5
     final['mode'] = pick([1, 1, 1])
     # drawn only when asked for, so that the default consumes today's random stream exactly
-    mild = rand() < o['first_order_prob'] if o['first_order_prob'] else final['sinc'] & False
+    off = torch.zeros_like(final['sinc'])  # (n,) False
+    mild = rand() < o['first_order_prob'] if o['first_order_prob'] else off
     final['first_order'] = mild
     final['sinc'] = final['sinc'] & ~mild
     second['blur'] = second['blur'] & ~mild
