@@ -12,7 +12,6 @@ per-sample reflect indices, JPEG runs on whole canvases (their zeros = the refer
 """
 import ast
 import contextlib
-import functools
 import math
 import os
 import re
@@ -91,20 +90,16 @@ _VALID = {  # each option: (is it valid?, what is expected)
     'threads': (lambda v: 0 <= v <= os.cpu_count(), f"an int in [0, {os.cpu_count()}] (CPUs)")}
 
 
-def _check(values, keys):  # ValueError naming the first value that _VALID rejects
-    for key in keys:
-        valid, expected = _VALID[key]
-        if not valid(values[key]):
-            raise ValueError(f"{key}={values[key]!r}: expected {expected}")
-
-
-def _options(overrides):  # the option globals above with overrides, checked (ValueError)
-    unknown = sorted(set(overrides) - set(_OPTIONS))
+def _options(overrides, keys=_OPTIONS):  # keys' globals with overrides; ValueError naming a bad one
+    unknown = sorted(set(overrides) - set(keys))
     if unknown:
         raise ValueError(f"unknown degradation option(s) {', '.join(unknown)}; known: "
-                         + ', '.join(_OPTIONS))
-    o = {k: overrides.get(k, globals()[k]) for k in _OPTIONS}
-    _check(o, _OPTIONS)
+                         + ', '.join(keys))
+    o = {k: overrides.get(k, globals()[k]) for k in keys}
+    for k in keys:
+        valid, expected = _VALID[k]
+        if not valid(o[k]):
+            raise ValueError(f"{k}={o[k]!r}: expected {expected}")
     return o
 
 
@@ -113,14 +108,12 @@ def _real(dev):  # float64 for the kernel maths, where the device has it
 
 
 @contextlib.contextmanager
-def _full_float32():
-    """Full float32 matmuls and convolutions inside, whatever the caller allowed (train.py's TF32
-    on CUDA, bf16 passes on a CPU); restored on exit."""
+def _full_float32():  # full float32 matmuls whatever the caller allowed (TF32, bf16 passes)
     backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.mkldnn.matmul)
     saved = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = 'ieee'
     try:
+        for b in backends:
+            b.fp32_precision = 'ieee'
         yield
     finally:
         for b, precision in zip(backends, saved):
@@ -159,17 +152,6 @@ def blur_kernel(size, sigma_x, sigma_y, theta, beta=1.0, *, isotropic=True, fami
         k = k * ((y.abs() <= v(cut) // 2) & (x.abs() <= v(cut) // 2))
     k = k / k.sum((1, 2), keepdim=True)
     return k if any(torch.is_tensor(t) for t in vals) else k[0]
-
-
-# basicsr's names (isotropic by keyword); beta is the shape parameter of the last two
-bivariate_gaussian = functools.partial(blur_kernel, beta=1.0, family=0)
-bivariate_generalized_gaussian = functools.partial(blur_kernel, family=1)
-bivariate_plateau = functools.partial(blur_kernel, family=2)
-
-
-def sinc_kernel(omega_c, size, pad_to=0):
-    p = max(pad_to - size, 0) // 2  # basicsr circular_lowpass_kernel, zero-padded to pad_to
-    return F.pad(blur_kernel(size, 1.0, 1.0, 0.0, family=3, omega=omega_c), (p, p, p, p))
 
 
 # ---- filtering and resizing; images may sit top-left on a zero canvas with valid sizes (B,2)
@@ -520,7 +502,7 @@ def _bench(dev, folder):
 def main(argv=None):
     args, config = configure(globals(), argv)
     try:
-        _check(config, _VALID)
+        _options({}, list(_VALID))  # the globals configure set
     except ValueError as e:
         raise SystemExit(f"error: --{e}")
     print('config:', config)

