@@ -158,11 +158,12 @@ def smooth_faces(b, size=64, seed=0):
 
 # basicsr's kernel functions as degrade.blur_kernel families (isotropic by keyword)
 bivariate_gaussian = functools.partial(degrade.blur_kernel, beta=1.0, family=0)
+bivariate_generalized_gaussian = functools.partial(degrade.blur_kernel, family=1)
+bivariate_plateau = functools.partial(degrade.blur_kernel, family=2)
 KERNEL_FUNCTIONS = {'iso': bivariate_gaussian, 'aniso': bivariate_gaussian,
-                    'generalized_iso': functools.partial(degrade.blur_kernel, family=1),
-                    'generalized_aniso': functools.partial(degrade.blur_kernel, family=1),
-                    'plateau_iso': functools.partial(degrade.blur_kernel, family=2),
-                    'plateau_aniso': functools.partial(degrade.blur_kernel, family=2)}
+                    'generalized_iso': bivariate_generalized_gaussian,
+                    'generalized_aniso': bivariate_generalized_gaussian,
+                    'plateau_iso': bivariate_plateau, 'plateau_aniso': bivariate_plateau}
 
 
 def sinc_kernel(omega_c, size, pad_to=0):  # basicsr circular_lowpass_kernel, zero-padded to pad_to
