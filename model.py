@@ -6,7 +6,6 @@ spectral norm, frozen VGG19 features for the perceptual loss, and the checkpoint
     python model.py --bench                  # SwinIR seed: fwd+bwd 2x3x64x64, infer 1x3x128x128
     python model.py --bench --ref=/tmp/ref/network_swinir.py  # side by side with the official code
 """
-import ast
 import math
 import os
 import pickle
@@ -95,10 +94,9 @@ class WindowAttention(nn.Module):
         """x (B*nW*N, C): tokens image by image, window by window; plan: shifted blocks' mask."""
         (T, C), N, nH = x.shape, self.relative_position_index.shape[-1], self.num_heads
         hd, pad = C // nH, -(C // nH) % 8
-        qkv = self.qkv(x).view(-1, N, 3, nH, hd)  # (B*nW, N, 3, nH, hd)
+        qkv = self.qkv(x).view(-1, N, 3, nH, hd).permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd)
         if pad:  # fused kernels want a head size that is a multiple of 8 (GPU: required; 13 -> 16
             qkv = F.pad(qkv, (0, pad))  # in the seed model): zeros leave scores and outputs as is
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd + pad)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(0, 3, 1, 2)
         bias = bias.to(qkv.dtype, memory_format=torch.contiguous_format)  # autocast's; stride 1
         attend = partial(F.scaled_dot_product_attention, scale=hd ** -0.5)
@@ -396,7 +394,12 @@ class VGGFeatures(nn.Module):
 
 
 # ==== python model.py [--bench] [--ref=PATH] [--repeats=N] ====
-def bench(ref='', repeats=5):
+bench = False  # time SwinIR's seed config, fwd+bwd 2x3x64x64 and inference 1x3x128x128
+ref = ''  # the official network_swinir.py (basicsr's swinir_arch.py): timed side by side
+repeats = 5  # timed runs per task, the median reported
+
+
+def run_bench():
     """Median seconds: ours, and the official code when ref names its network_swinir.py."""
     torch.manual_seed(0)
     nets = {'ours': SwinIR()}
@@ -426,25 +429,16 @@ def bench(ref='', repeats=5):
 
 
 if __name__ == '__main__':
-    # degrade.configure's --key=value (model.py imports nothing of ours); --bench alone is True
-    opts = {'bench': False, 'ref': '', 'repeats': 5}
-    if '-h' in sys.argv or '--help' in sys.argv:
-        print(__doc__.strip(), '\nsettings:', *(f'--{k}={v!r}' for k, v in opts.items()))
-        raise SystemExit(0)
-    for arg in sys.argv[1:]:
-        key, eq, text = arg[2:].partition('=')
-        try:
-            value = text if key == 'ref' else ast.literal_eval(text) if eq else True
-        except (ValueError, SyntaxError):
-            value = text  # a bare word: wrong for bench and repeats
-        if key not in opts or not arg.startswith('--') or type(value) is not type(opts[key]) or (
-                key == 'repeats' and value < 1 or key == 'ref' and not os.path.isfile(value)):
-            raise SystemExit(f"error: {arg}: expected --bench, --ref=FILE (the official SwinIR "
-                             "code) or --repeats=N (N >= 1)")
-        opts[key] = value
-    print('config:', opts)
+    from degrade import configure  # the scripts' one parser; `import model` imports nothing of ours
+    args, config = configure(globals())
+    if args:
+        raise SystemExit(f"error: {args[0]}: model.py takes --key=value settings only (--help)")
+    if repeats < 1 or ref and not os.path.isfile(ref):
+        bad = f"--repeats={repeats}: expected N >= 1" if repeats < 1 else f"--ref={ref}: not a file"
+        raise SystemExit(f"error: {bad} (--ref: the official network_swinir.py)")
+    print('config:', config)
     for net in (SwinIR(), UNetDiscriminatorSN(UNetConfig(num_feat=24))):
         n = sum(p.numel() for p in net.parameters())
         print(f"{type(net).__name__} {asdict(net.config)}: {n:,} parameters")
-    if opts['bench']:
-        bench(opts['ref'], opts['repeats'])
+    if bench:
+        run_bench()
