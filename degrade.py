@@ -145,7 +145,7 @@ def blur_kernel(size, sigma_x, sigma_y, theta, beta=1.0, *, isotropic=True, fami
     t = torch.arange(128, dtype=sx.dtype, device=sx.device) * (2 * math.pi / 128)
     j1 = torch.cos(t - (w * r)[..., None] * t.sin()).mean(-1)
     sinc = torch.where(r > 0, w * j1 / (2 * math.pi * r.clamp_min(1)), w * w / (4 * math.pi))
-    f = v(torch.as_tensor(family, device=sx.device))
+    f = v(family if torch.is_tensor(family) else torch.full((), family, device=sx.device))
     k = torch.where(f == 0, torch.exp(-0.5 * q), torch.where(
         f == 1, torch.exp(-0.5 * qb), torch.where(f == 2, 1 / (qb + 1), sinc)))
     if cut is not None:

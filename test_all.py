@@ -1916,35 +1916,111 @@ def test_non_finite_step_is_skipped_and_reported(data, tmp_path, capsys, monkeyp
     assert all(torch.isfinite(t).all() for part in ('model', 'ema') for t in ckpt[part].values())
 
 
-def ops_per_iteration(*args):
-    """Top-level aten ops (views included) per training iteration of train.py --bench, refills
-    amortised: the difference of two runs 8 iterations apart (one refill among them) cancels setup."""
-    TorchDispatchMode = pytest.importorskip('torch.utils._python_dispatch').TorchDispatchMode
+HOST_TAGS = {torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}  # .item(), nonzero
+HOST_OPS = ('equal', 'allclose', 'is_nonzero')  # Python bools of device values
 
-    class Count(TorchDispatchMode):
-        n = 0
 
+def bench_dispatch(*args):
+    """Two train.py --bench runs 8 iterations apart (one refill among them): their difference
+    cancels setup, the first steps' lazy state and teardown. -> top-level aten ops (views included)
+    per iteration, and the host reads in those 8 iterations, {(file, function, line, op): count}
+    at the innermost line of train.py, degrade.py or model.py. A host read: an aten op that reads
+    device values on the host (on a GPU: a wait for its queue) or makes a tensor of host data (a
+    blocking copy to the GPU), a tensor printed, or a direct call of .tolist(), .cpu(), .cuda() or
+    a blocking .to(device), which dispatch nothing on a CPU."""
+    dispatch = pytest.importorskip('torch.utils._python_dispatch')
+    source = {}
+    for path in (TRAIN, degrade.__file__, model.__file__):
+        with open(path) as f:
+            source[path] = f.read().splitlines()
+    counts, filling = {}, [False]  # filling: in x[...] = a Python number
+
+    def note(frame, op, direct=False):
+        while frame and frame.f_code.co_filename not in source:
+            frame = None if direct else frame.f_back
+        if frame is None:
+            return
+        line = source[frame.f_code.co_filename][frame.f_lineno - 1].strip()
+        while frame.f_code.co_name[0] == '<' and frame.f_code.co_name != '<module>':
+            frame = frame.f_back  # a comprehension's, a lambda's: the function it is in
+        site = (os.path.basename(frame.f_code.co_filename), frame.f_code.co_name, line, op)
+        counts[site] = counts.get(site, 0) + 1
+
+    class Count(dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
+            counts['ops'] += 1
+            op = func.overloadpacket.__name__
+            if op in ('index', 'index_put_', '_index_put_impl_'):  # a mask is a nonzero
+                read = any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+            elif op in ('lift_fresh', 'lift_fresh_copy'):  # x[...] = 1.0: a fill_, no copy
+                read = not (filling[0] and args[0].dim() == 0)
+            else:
+                read = op in HOST_OPS or not HOST_TAGS.isdisjoint(func.tags)
+            if read:
+                note(sys._getframe(), op)
             return func(*args, **(kwargs or {}))
-    counts = []
+
+    class Moves(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            to = [*args[1:], *kwargs.values()] if func is torch.Tensor.to else []
+            move = not kwargs.get('non_blocking') and any(
+                isinstance(a, (str, torch.device, torch.Tensor)) for a in to)
+            if move or func in (torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.cuda):
+                note(sys._getframe(1), func.__name__, direct=True)  # torch's own .to: same device
+            elif func is torch.Tensor.__repr__:  # print(t): read with dispatch off
+                note(sys._getframe(1), '__repr__')
+            filling[0] = func is torch.Tensor.__setitem__ and isinstance(args[2], (int, float))
+            try:
+                return func(*args, **kwargs)
+            finally:
+                filling[0] = False
+    runs = []
     for n in (1, 9):
-        Count.n = 0
-        with Count():
+        counts.clear()
+        counts['ops'] = 0
+        with Moves(), Count():
             train('--bench=True', f'--bench_iters={n}', '--gt_size=64', '--patch_size=16', *args)
-        counts.append(Count.n)
-    return (counts[1] - counts[0]) / 8
+        runs.append(dict(counts))
+    diff = {k: n - runs[0].get(k, 0) for k, n in runs[1].items() if n > runs[0].get(k, 0)}
+    return diff.pop('ops', 0) / 8, diff
 
 
-@pytest.mark.parametrize('mode,budget', [('psnr', 6500), ('gan', 8000)])
-def test_training_iteration_dispatches_few_ops(mode, budget, vgg_file, tmp_path, capsys):
-    # seed model and settings on tiny faces: the count does not depend on the image size.
-    # Measured 2026-12-01: psnr 6,083 (SwinIR fwd 2,255 + bwd 3,567), gan 6,814. Issue 12's target
-    # for psnr is 5,000, not met yet: this bound only keeps the count from growing.
-    ops = ops_per_iteration(f'--mode={mode}', f'--vgg_path={vgg_file}', f'--out_dir={tmp_path}')
+@pytest.fixture(scope='module', params=['psnr', 'gan'])
+def bench(request, vgg_file, tmp_path_factory):
+    """(mode, ops per iteration, host reads, out_dir) of bench_dispatch: for both tests below.
+    The seed model and settings on tiny faces: the counts do not depend on the image size."""
+    out = tmp_path_factory.mktemp('bench')
+    mode = request.param
+    ops, reads = bench_dispatch(f'--mode={mode}', f'--vgg_path={vgg_file}', f'--out_dir={out}')
+    return mode, ops, reads, out
+
+
+def test_training_iteration_dispatches_few_ops(bench):
+    # Measured 2026-12-01: psnr 5,924 (SwinIR fwd 2,022 + bwd 3,569), gan 6,655. Issue 12's target
+    # for psnr is 5,000: on the CPU SDPA's math kernel alone is ~2,200 (on CUDA 2 ops a call), so
+    # this bound only keeps the count from growing.
+    mode, ops, _, out = bench
     print(f"{mode}: {ops:.0f} ops per iteration")
-    assert 0 < ops <= budget
-    assert not os.listdir(tmp_path)  # --bench writes nothing
+    assert 0 < ops <= {'psnr': 6000, 'gan': 8000}[mode]
+    assert not os.listdir(out)  # --bench writes nothing
+
+
+def host_side(site):  # a host read in the loop that makes no GPU wait
+    file, function, line, _ = site
+    return (file, function) == ('train.py', 'fresh') and 'generator=gen)' in line or site == (
+        'degrade.py', 'first_degradation', 'canvas = sizes.amax(0).tolist()', 'tolist')
+
+
+def test_training_iteration_dispatches_no_host_sync(bench):
+    # Issue 12: no iteration waits for the GPU. Allowed: fresh() reads its draws of the CPU
+    # generator gen (which faces, crops, flips: CPU tensors on a GPU too), and degrade.py sizes its
+    # canvas from the sizes on a CPU only. (--bench skips the log's .tolist() per log_interval.)
+    mode, _, reads, _ = bench
+    syncs = {'{} {}(): {} [{}]'.format(*s): n for s, n in reads.items() if not host_side(s)}
+    assert not syncs, f"{mode}: host syncs in 8 iterations: {syncs}"
+    seen = {op for _, fn, _, op in reads if fn == 'fresh'}  # the reads are found: it can fail
+    assert seen == {'tolist', '_local_scalar_dense'}
 
 
 @needs_val
