@@ -1920,7 +1920,7 @@ HOST_TAGS = {torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape}  #
 HOST_OPS = ('equal', 'allclose', 'is_nonzero')  # Python bools of device values
 
 
-def bench_dispatch(*args):
+def bench_dispatch(printed, *args):
     """Two train.py --bench runs 8 iterations apart (one refill among them): their difference
     cancels setup, the first steps' lazy state and teardown. -> top-level aten ops (views included)
     per iteration, and the host reads in those 8 iterations, {(file, function, line, op): count}
@@ -1928,7 +1928,8 @@ def bench_dispatch(*args):
     device values on the host (on a GPU: a wait for its queue) or makes a tensor of host data (a
     blocking copy to the GPU), a tensor printed, or a direct call of .tolist(), .cpu(), .cuda() or
     a blocking .to(device), which dispatch nothing on a CPU. The op count takes each SDPA call as
-    CUDA runs it, one fused op forward and one backward (the CPU's math kernel: ~40 ops a call)."""
+    CUDA runs it, one fused op forward and one backward (the CPU's math kernel: ~40 ops a call).
+    What the 9-iteration run prints goes to the file printed."""
     dispatch = pytest.importorskip('torch.utils._python_dispatch')
     source = {}
     for path in (TRAIN, degrade.__file__, model.__file__):
@@ -2002,12 +2003,14 @@ def bench_dispatch(*args):
                 return func(*args, **kwargs)
             finally:
                 filling[0] = False
-    runs = []
+    runs, stdout = [], sys.stdout
     for n in (1, 9):
         counts.clear()
         counts['ops'] = 0
-        with Moves(), Count():
-            train('--bench=True', f'--bench_iters={n}', '--gt_size=64', '--patch_size=16', *args)
+        with open(os.devnull if n == 1 else printed, 'w') as sys.stdout:
+            with Moves(), Count():  # (a file: train.py reconfigures its stdout)
+                train('--bench=True', f'--bench_iters={n}', '--gt_size=64', '--patch_size=16', *args)
+        sys.stdout = stdout
         runs.append(dict(counts))
     diff = {k: n - runs[0].get(k, 0) for k, n in runs[1].items() if n > runs[0].get(k, 0)}
     return diff.pop('ops', 0) / 8, diff
@@ -2015,12 +2018,27 @@ def bench_dispatch(*args):
 
 @pytest.fixture(scope='module', params=['psnr', 'gan'])
 def bench(request, vgg_file, tmp_path_factory):
-    """(mode, ops per iteration, host reads, out_dir) of bench_dispatch: for both tests below.
-    The seed model and settings on tiny faces: the counts do not depend on the image size."""
-    out = tmp_path_factory.mktemp('bench')
+    """(mode, ops per iteration, host reads, out_dir, what the 9-iteration run printed) of
+    bench_dispatch, for the tests below. The seed model and settings on tiny faces: the counts do
+    not depend on the image size."""
+    out = tmp_path_factory.mktemp('bench') / 'out'
     mode = request.param
-    ops, reads = bench_dispatch(f'--mode={mode}', f'--vgg_path={vgg_file}', f'--out_dir={out}')
-    return mode, ops, reads, out
+    ops, reads = bench_dispatch(f'{out}.txt', f'--mode={mode}', f'--vgg_path={vgg_file}',
+                                f'--out_dir={out}')
+    return mode, ops, reads, out, open(f'{out}.txt').read()
+
+
+def test_training_bench_prints_the_numbers(bench):
+    # train.py --bench (issue 12): img/s, ms per part, ops, memory; the CPU note on the seed model
+    mode, _, _, _, text = bench
+    parts = r'G fwd\+bwd [\d.]+, optimizer\+EMA [\d.]+' + (r', D [\d.]+' if mode == 'gan' else '')
+    lines = [line for line in text.splitlines() if line.startswith('bench: ')]
+    assert re.fullmatch(rf'bench: {mode}, batch 4 x 1 of 16x16 LQ, float32, compile off, cpu, 1 '
+                        'threads', lines[0]), lines
+    assert re.fullmatch(rf'bench: [\d.]+ img/s, [\d.]+ ms/iter: {parts}, degrade [\d.]+', lines[1])
+    assert re.fullmatch(r'bench: \d+ top-level aten ops per iteration \(refills amortised\), '
+                        r'peak memory n/a \(not a CUDA device\)', lines[2]), lines
+    assert 'note: no GPU: the seed model is a GPU' in text and 'Traceback' not in text
 
 
 def test_training_iteration_dispatches_few_ops(bench):
@@ -2028,10 +2046,10 @@ def test_training_iteration_dispatches_few_ops(bench):
     # fused kernels: one op each way); measured 2026-12-01: psnr 3,998, gan 4,729. With the CPU's
     # math kernel (~40 ops a call, 54 calls) instead: psnr 5,924, gan 6,655; the SwinIR part of
     # that is bounded by test_swinir_training_step_dispatches_few_ops.
-    mode, ops, _, out = bench
+    mode, ops, _, out, _ = bench
     print(f"{mode}: {ops:.0f} ops per iteration, SDPA as on CUDA")
     assert 0 < ops <= {'psnr': 5000, 'gan': 8000}[mode]
-    assert not os.listdir(out)  # --bench writes nothing
+    assert os.listdir(out.parent) == ['out.txt']  # --bench writes nothing, not even out_dir
 
 
 def host_side(site):  # a host read in the loop that makes no GPU wait
@@ -2044,7 +2062,7 @@ def test_training_iteration_dispatches_no_host_sync(bench):
     # Issue 12: no iteration waits for the GPU. Allowed: fresh() reads its draws of the CPU
     # generator gen (which faces, crops, flips: CPU tensors on a GPU too), and degrade.py sizes its
     # canvas from the sizes on a CPU only. (--bench skips the log's .tolist() per log_interval.)
-    mode, _, reads, _ = bench
+    mode, _, reads, _, _ = bench
     syncs = {'{} {}(): {} [{}]'.format(*s): n for s, n in reads.items() if not host_side(s)}
     assert not syncs, f"{mode}: host syncs in 8 iterations: {syncs}"
     seen = {op for _, fn, _, op in reads if fn == 'fresh'}  # the reads are found: it can fail

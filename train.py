@@ -371,6 +371,9 @@ if __name__ == '__main__':
         print('config:', json.dumps(config))
         print(f"{sum(p.numel() for p in g.parameters()):,} G parameters, {len(faces)} training "
               f"faces, {len(pairs)} validation pairs, {world} process(es) on {dev}, {dtype}")
+        if dev.type == 'cpu' and g.config == SwinIRConfig():  # up front: it may run out of memory
+            print("note: no GPU: the seed model is a GPU's (batch 4 of 128x128 on 2 CPU cores: ~20 "
+                  "s and ~23 GB an iteration); --preset=cpu trains in ~15 min, cpu_hour in ~1 h")
     if pairs and not resume:
         bicubic = [degrade.psnr(degrade.upscale_bicubic(lq), gt) for lq, gt in pairs]
         log = [{'iter': 0, 'bicubic_psnr': sum(bicubic) / len(bicubic)}]
@@ -455,9 +458,6 @@ if __name__ == '__main__':
                     pool[k][slots] = v
         hist.append(torch.stack([loss.detach(), *(p.detach() for p in parts), *oks]).float())
         it += 1
-        hours = (time.time() - t_last) / (it - start) * (max_iters - it) / 3600  # the 1st is slow
-        if it == start + min(10, log_interval) and dev.type == 'cpu' and hours > 1 and master:
-            print(f"note: no GPU: {hours:.1f} h to go at this speed; --preset=cpu takes ~15 min")
         if bench or it % log_interval and it < max_iters:
             continue
         rows, hist = torch.stack(hist).tolist(), []  # the one host sync per log_interval
