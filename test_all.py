@@ -147,6 +147,14 @@ def test_readme_commands_are_what_ci_runs():
     assert ci.index(install) < ci.index(tests)
 
 
+def test_readme_line_counts_are_true():
+    rows = re.findall(r'^\| `(\w+\.py)` \| (\d+) \|', open(os.path.join(HERE, 'README.md')).read(), re.M)
+    assert len(rows) == 6
+    for name, lines in rows:
+        with open(os.path.join(HERE, name)) as f:
+            assert len(f.read().splitlines()) == int(lines), name
+
+
 # --------------------------------------------------- degrade.py: building blocks, pipeline, CLI
 
 def smooth_faces(b, size=64, seed=0):
