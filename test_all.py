@@ -2015,10 +2015,14 @@ def bench_dispatch(printed, *args):
     for n in (1, 9):
         counts.clear()
         counts['ops'] = 0
-        with open(os.devnull if n == 1 else printed, 'w') as sys.stdout:
-            with Moves(), Count():  # (a file: train.py reconfigures its stdout)
-                train('--bench=True', f'--bench_iters={n}', '--gt_size=64', '--patch_size=16', *args)
-        sys.stdout = stdout
+        with open(os.devnull if n == 1 else printed, 'w') as log:
+            sys.stdout = log  # a file: train.py reconfigures its stdout
+            try:
+                with Moves(), Count():
+                    train('--bench=True', f'--bench_iters={n}', '--gt_size=64', '--patch_size=16',
+                          *args)
+            finally:
+                sys.stdout = stdout
         runs.append(dict(counts))
     diff = {k: n - runs[0].get(k, 0) for k, n in runs[1].items() if n > runs[0].get(k, 0)}
     return diff.pop('ops', 0) / 8, diff
