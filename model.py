@@ -96,7 +96,7 @@ class WindowAttention(nn.Module):
         hd, pad = C // nH, -(C // nH) % 8
         qkv = self.qkv(x).view(-1, N, 3, nH, hd).permute(2, 0, 3, 1, 4)  # (3, B*nW, nH, N, hd)
         if pad:  # fused kernels want a head size that is a multiple of 8 (GPU: required; 13 -> 16
-            qkv = F.pad(qkv, (0, pad))  # in the seed model): zeros leave scores and outputs as is
+            qkv = F.pad(qkv, (0, pad))  # in the seed): zeros change no score; q, k, v contiguous
         bias = self.relative_position_bias_table[self.relative_position_index].permute(0, 3, 1, 2)
         bias = bias.to(qkv.dtype, memory_format=torch.contiguous_format)  # autocast's; stride 1
         attend = partial(F.scaled_dot_product_attention, scale=hd ** -0.5)
