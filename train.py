@@ -365,7 +365,7 @@ if __name__ == '__main__':
     g_run, d_run = (wrap(g), d and wrap(d)) if ddp else (g, d)  # updates D's buffers alike
     ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == 'bfloat16')
     timings = {}  # --bench: ms per part of an iteration
-    prof = torch.profiler.profile()  # --bench: the ops of refill_every iterations
+    prof = torch.profiler.profile()  # --bench: the ops of one iteration and a refill
 
     if master:
         print('config:', json.dumps(config))
@@ -381,8 +381,7 @@ if __name__ == '__main__':
     if master and not bench:
         os.makedirs(out_dir, exist_ok=True)  # check_settings found it, or its folder, writable
         write_log(log)
-    if bench:
-        max_iters = start + _WARMUP + bench_iters + refill_every  # warm up, time, count ops
+    max_iters = start + _WARMUP + bench_iters + 1 if bench else max_iters  # warm up, time, count
     # ---- the loop
     names = ['loss', 'mse'] if mode == 'psnr' else ['loss', 'l1', 'percep', 'gan', 'd']
     it = start
@@ -414,7 +413,7 @@ if __name__ == '__main__':
         if it >= max_iters:
             break
         timing = bench and start + _WARMUP <= it < start + _WARMUP + bench_iters
-        if bench and it == start + _WARMUP + bench_iters:  # then count refill_every's ops
+        if bench and it + 1 == max_iters:  # then count the ops of one iteration and a refill
             prof.start()
         lr = learning_rate * 0.5 * (1 + math.cos(math.pi * it / max_iters))
         for group in [gr for opt in (opt_g, opt_d) if opt for gr in opt.param_groups]:
@@ -451,8 +450,8 @@ if __name__ == '__main__':
                 loss_d.backward()
                 parts.append(loss_d)
                 oks.append(step(opt_d, d))
-        if (it + 1) % refill_every == 0:
-            with timed('degrade'):  # fresh faces replace random entries (Real-ESRGAN's queue)
+        if (it + 1) % refill_every == 0 or bench and it + 1 == max_iters:  # Real-ESRGAN's queue
+            with timed('degrade'), torch.profiler.record_function('refill'):  # fresh faces in
                 slots = torch.randperm(pool_size, generator=dgen, device=dev)[:refill_size]
                 for k, v in fresh(refill_size).items():
                     pool[k][slots] = v
@@ -483,7 +482,8 @@ if __name__ == '__main__':
         prof.stop()
         ms = sum(timings.values()) / bench_iters
         aten = lambda e: e is not None and e.name.startswith('aten::')  # noqa: E731
-        ops = sum(aten(e) and not aten(e.cpu_parent) for e in prof.events()) / refill_every
+        ops = sum(1 / refill_every if e.cpu_parent and e.cpu_parent.name == 'refill' else 1
+                  for e in prof.events() if aten(e) and not aten(e.cpu_parent))  # top-level
         peak = (f"{torch.cuda.max_memory_allocated(dev) / 2 ** 30:.2f} GiB" if dev.type == 'cuda'
                 else 'n/a (not a CUDA device)')
         print(f"bench: {mode}, batch {batch_size} x {world} of {patch_size}x{patch_size} LQ, "
