@@ -31,7 +31,8 @@ SHARED = os.path.join(HERE, '..', 'shared')
 VECTORS = os.path.join(SHARED, 'reference', 'vectors.pt')
 VAL = os.path.join(SHARED, 'data', 'faces', 'val')
 needs_shared = pytest.mark.skipif(not os.path.exists(VECTORS), reason='needs ../shared')
-needs_val = pytest.mark.skipif(not os.path.isdir(os.path.join(VAL, 'LQ')), reason='needs ../shared/data')
+needs_val = pytest.mark.skipif(not os.path.isdir(os.path.join(VAL, 'LQ')),
+                               reason='needs ../shared/data')
 
 
 @pytest.fixture(scope='session')
@@ -140,7 +141,8 @@ def _readme_block(heading):
 
 
 def test_readme_commands_are_what_ci_runs():
-    ci = [line.strip() for line in open(os.path.join(HERE, '.ci', 'run')) if not line.lstrip().startswith('#')]
+    ci = [line.strip() for line in open(os.path.join(HERE, '.ci', 'run'))
+          if not line.lstrip().startswith('#')]
     install, tests = _readme_block('Install'), _readme_block('Tests')
     assert 'requirements.txt' in install and install in ci
     assert tests.startswith('python -m pytest') and tests in ci
@@ -148,7 +150,8 @@ def test_readme_commands_are_what_ci_runs():
 
 
 def test_readme_line_counts_are_true():
-    rows = re.findall(r'^\| `(\w+\.py)` \| (\d+) \|', open(os.path.join(HERE, 'README.md')).read(), re.M)
+    rows = re.findall(r'^\| `(\w+\.py)` \| (\d+) \|',
+                      open(os.path.join(HERE, 'README.md')).read(), re.M)
     assert len(rows) == 6
     for name, lines in rows:
         with open(os.path.join(HERE, name)) as f:
@@ -765,7 +768,8 @@ def test_model_cli_is_the_shared_parser(tmp_path, monkeypatch, capsys):
     assert out.startswith('The networks: SwinIR') and '  --repeats=5  # timed runs per task' in out
     for args, want in ((['--repeats=0'], 'error: --repeats=0: expected N >= 1'),
                        (['--repeats=2.5'], "error: --repeats expects int (like 5), got '2.5'"),
-                       ([f'--ref={tmp_path}/none.py'], f'error: --ref={tmp_path}/none.py: not a file'),
+                       ([f'--ref={tmp_path}/none.py'],
+                        f'error: --ref={tmp_path}/none.py: not a file'),
                        (['--bench=maybe'], "error: --bench expects bool (like False), got 'maybe'"),
                        (['--becnh'], 'error: unknown setting --becnh (known: bench, ref, repeats)'),
                        (['extra'], 'error: extra: model.py takes --key=value settings only')):
@@ -994,7 +998,8 @@ def test_swinir_float32_and_bf16_autocast_match_float64_with_every_gradient():
         return y.double(), {n: p.grad.double() for n, p in net.named_parameters()}
     y64, g64 = run(torch.float64)
     assert all(g.norm() > 0 for g in g64.values())
-    for autocast, out_tol, grad_tol in ((False, 2e-6, 2e-5), (True, 3e-2, 0.12)):  # 3-16x as measured
+    for autocast, out_tol, grad_tol in ((False, 2e-6, 2e-5),
+                                        (True, 3e-2, 0.12)):  # 3-16x as measured
         y, g = run(torch.float32, autocast)
         assert (y - y64).abs().max() <= out_tol * y64.abs().max()
         rel = {n: ((g[n] - g64[n]).norm() / g64[n].norm()).item() for n in g64}
@@ -1056,21 +1061,22 @@ def test_swinir_training_step_dispatches_few_ops():
 
 # ---------------------------------------------------------------- sample.py and interpolate.py
 
-# receptive field of this config: conv_first 1 + 2 blocks x (window-1) 3 + RSTB conv 1 + conv_after_body 1
-# + upsample conv 1 = 10 LQ px, so a tile needs >= 10 px of context (overlap/4) to be exact
+# receptive field of this config: conv_first 1 + 2 blocks x (window-1) 3 + RSTB conv 1
+# + conv_after_body 1 + upsample conv 1 = 10 LQ px, so a tile needs >= 10 px of context
+# (overlap/4) to be exact
 SAMPLE_TINY = dict(embed_dim=12, depths=[2], num_heads=[2], window_size=4, img_size=16)
 
 
 def run_path(path, run_name='<run_path>'):
-    """runpy.run_path: runs a script in this process. runpy is stdlib but off the design card, so it is
-    imported only here, and a test that needs it is skipped without it."""
+    """runpy.run_path: runs a script in this process. runpy is stdlib but off the design card, so
+    it is imported only here, and a test that needs it is skipped without it."""
     return pytest.importorskip('runpy').run_path(path, run_name=run_name)
 
 
 def run(script, *args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS='1')
-    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def tiny_model(seed, **kw):
@@ -1097,14 +1103,16 @@ def png(path):
 
 @pytest.fixture(scope='module')
 def photos(tmp_path_factory):
-    """A folder with RGB, RGBA, gray JPEG, 16-bit gray, a corrupt PNG and a text file; GT for two of them."""
+    """A folder with RGB, RGBA, gray JPEG, 16-bit gray, a corrupt PNG and a text file;
+    GT for two of them."""
     d = tmp_path_factory.mktemp('photos')
     rs = np.random.RandomState(0)
     Image.fromarray(rs.randint(0, 256, (11, 13, 3), dtype=np.uint8)).save(d / 'rgb.png')
     rgba = rs.randint(0, 256, (10, 12, 4), dtype=np.uint8)
     rgba[..., 3] = np.linspace(0, 255, 12, dtype=np.uint8)[None]
     Image.fromarray(rgba, 'RGBA').save(d / 'rgba.png')
-    Image.fromarray(rs.randint(0, 256, (14, 9), dtype=np.uint8), 'L').save(d / 'gray.jpg', quality=95)
+    Image.fromarray(rs.randint(0, 256, (14, 9), dtype=np.uint8), 'L').save(
+        d / 'gray.jpg', quality=95)
     Image.fromarray((rs.randint(0, 65536, (12, 10))).astype(np.uint16)).save(d / 's16.png')
     (d / 'bad.png').write_bytes(b'not an image')
     (d / 'notes.txt').write_text('ignored')
@@ -1126,24 +1134,27 @@ def test_sample_folder_alpha_gray_16bit_bad_file_metrics_compare(photos, ckpt, t
     folder, gt_dir = photos
     path, model, ema = ckpt
     out = tmp_path / 'res'
-    r = run('sample.py', folder, f'--ckpt={path}', f'--out_dir={out}', f'--gt_dir={gt_dir}', '--compare=True',
-            '--compare_height=32')
+    r = run('sample.py', folder, f'--ckpt={path}', f'--out_dir={out}', f'--gt_dir={gt_dir}',
+            '--compare=True', '--compare_height=32')
     assert r.returncode == 1, r.stdout + r.stderr  # bad.png skipped
-    assert f'\nmodel: {path} (SwinIR embed 12, depths [2], window 4, pixelshuffledirect x4' in r.stdout
+    assert (f'\nmodel: {path} (SwinIR embed 12, depths [2], window 4, pixelshuffledirect x4'
+            in r.stdout)
     assert 'bad.png' in r.stdout and 'bad.png' in r.stderr and 'Traceback' not in r.stderr
     assert 'rgba.png' in r.stdout and 'no ground truth' in r.stdout  # missing GT reported by name
-    assert sorted(os.listdir(out)) == ['compare', 'compare_grid.png', 'gray.png', 'metrics.csv', 'rgb.png',
-                                       'rgba.png', 's16.png']
+    assert sorted(os.listdir(out)) == ['compare', 'compare_grid.png', 'gray.png', 'metrics.csv',
+                                       'rgb.png', 'rgba.png', 's16.png']
     for name in ('rgb.png', 'rgba.png', 'gray.jpg', 's16.png'):
         img = degrade.read_image(str(folder / name))
         got = png(out / (os.path.splitext(name)[0] + '.png'))
-        want = degrade.to_uint8(restore(ema, img)).permute(1, 2, 0).to(torch.int16)  # EMA weights, not 'model'
+        # EMA weights, not 'model'
+        want = degrade.to_uint8(restore(ema, img)).permute(1, 2, 0).to(torch.int16)
         assert got.shape[:2] == (img.shape[1] * 4, img.shape[2] * 4)
         assert (got[..., :3] - want).abs().max() <= 1, name
         assert (degrade.to_uint8(restore(model, img)).permute(1, 2, 0) - want).abs().max() > 10
         if name == 'rgba.png':  # alpha upscaled with bicubic and put back
             assert got.shape[2] == 4
-            a = F.interpolate(img[None, 3:], scale_factor=4, mode='bicubic', align_corners=False)[0, 0]
+            a = F.interpolate(img[None, 3:], scale_factor=4, mode='bicubic',
+                              align_corners=False)[0, 0]
             assert (got[..., 3] - degrade.to_uint8(a)).abs().max() <= 1
         else:
             assert got.shape[2] == 3
@@ -1154,7 +1165,8 @@ def test_sample_folder_alpha_gray_16bit_bad_file_metrics_compare(photos, ckpt, t
 
     # metrics: the CSV equals degrade.psnr / ssim of the written output against GT
     rows = list(csv.reader(open(out / 'metrics.csv')))
-    assert rows[0] == ['name', 'psnr', 'ssim'] and [r[0] for r in rows[1:]] == ['rgb.png', 's16.png', 'mean']
+    assert (rows[0] == ['name', 'psnr', 'ssim']
+            and [r[0] for r in rows[1:]] == ['rgb.png', 's16.png', 'mean'])
     vals = []
     for row in rows[1:3]:
         pred = png(out / (os.path.splitext(row[0])[0] + '.png')).to(torch.uint8).permute(2, 0, 1)
@@ -1167,7 +1179,8 @@ def test_sample_folder_alpha_gray_16bit_bad_file_metrics_compare(photos, ckpt, t
 
     # compare: strips bicubic | restored (| GT), and a grid of one 32 px row per image
     widths = []
-    for stem, (h, w), cells in (('rgb', (11, 13), 3), ('rgba', (10, 12), 2), ('gray', (14, 9), 2), ('s16', (12, 10), 3)):
+    for stem, (h, w), cells in (('rgb', (11, 13), 3), ('rgba', (10, 12), 2),
+                                ('gray', (14, 9), 2), ('s16', (12, 10), 3)):
         strip = png(out / 'compare' / f'{stem}.png')
         assert strip.shape == (4 * h, 4 * w * cells, 3)
         assert torch.equal(strip[:, 4 * w:8 * w], png(out / f'{stem}.png')[..., :3])
@@ -1320,7 +1333,8 @@ def test_sample_goes_on_past_broken_images_and_odd_modes(broken, tmp_path, monke
         assert got.mode == mode and got.size == (4 * img.shape[2], 4 * img.shape[1]), name
         want = degrade.to_uint8(restore(net, img)).permute(1, 2, 0).to(torch.int16)
         assert (png(tmp_path / 'o' / f'{name}.png')[..., :3] - want).abs().max() <= 1, name
-    assert sorted(os.listdir(tmp_path / 'o')) == sorted([n + '.png' for n in modes] + ['metrics.csv'])
+    assert (sorted(os.listdir(tmp_path / 'o'))
+            == sorted([n + '.png' for n in modes] + ['metrics.csv']))
 
 
 @pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, 'geteuid') else True,
@@ -1401,8 +1415,8 @@ def test_fresh_clone_restores_the_photos_with_the_shipped_model(tmp_path):
 @needs_val
 @pytest.mark.skipif(not os.path.isfile(SHIPPED), reason='weights/default.pt not made yet')
 def test_shipped_model_beats_bicubic_on_val_by_the_readme_margin():
-    # README, Results: the shipped --preset=cpu_hour 27.16 dB against bicubic 26.35 on the 50 val faces
-    # (issue 14's bar: >= 26.95 dB, i.e. 0.60 dB over bicubic)
+    # README, Results: the shipped --preset=cpu_hour 27.16 dB against bicubic 26.35 on the 50 val
+    # faces (issue 14's bar: >= 26.95 dB, i.e. 0.60 dB over bicubic)
     net = load_generator(SHIPPED)[0].eval()
     ours, bicubic = [], []
     for name in sorted(os.listdir(os.path.join(VAL, 'LQ'))):
@@ -1441,9 +1455,11 @@ def test_tiled_equals_untiled(one_thread, tmp_path, capsys):
     cpu = torch.device('cpu')
     whole = sample.upscale_rgb(model, img, 0, 32, 4, 4, cpu)
     assert torch.allclose(whole, restore(model, img), atol=1e-6)
-    # tiles of 96 px, 48 px overlap -> 12 px of context >= the 10 px receptive field: equal everywhere,
-    # image borders included, because tiles start on window multiples and the last one ends at the border
-    assert sample.tile_starts(150, 96, 48) == [0, 48, 96] and sample.tile_starts(130, 96, 48) == [0, 48]
+    # tiles of 96 px, 48 px overlap -> 12 px of context >= the 10 px receptive field: equal
+    # everywhere, image borders included, because tiles start on window multiples and the last one
+    # ends at the border
+    assert (sample.tile_starts(150, 96, 48) == [0, 48, 96]
+            and sample.tile_starts(130, 96, 48) == [0, 48])
     tiled = sample.upscale_rgb(model, img, 96, 48, 4, 4, cpu)
     assert (tiled - whole).abs().max() < 1e-5
     # less context than the receptive field, or no overlap at all: different (the test can fail)
@@ -1477,9 +1493,10 @@ def test_tiled_equals_untiled(one_thread, tmp_path, capsys):
     torch.save({'params_ema': model.state_dict()}, tmp_path / 'official.pth')
     degrade.write_image(str(tmp_path / 'big.png'), img)
     for ckpt, args in (('official.pth', []), ('ours.pt', ['--tile=96', '--tile_overlap=48'])):
-        r = run('sample.py', tmp_path / 'big.png', f'--ckpt={tmp_path / ckpt}', f'--out_dir={tmp_path / str(len(args))}',
-                *args)
-        assert r.returncode == 0 and '[1/1] big.png 150x130 -> 600x520' in r.stdout, r.stdout + r.stderr
+        r = run('sample.py', tmp_path / 'big.png', f'--ckpt={tmp_path / ckpt}',
+                f'--out_dir={tmp_path / str(len(args))}', *args)
+        assert (r.returncode == 0
+                and '[1/1] big.png 150x130 -> 600x520' in r.stdout), r.stdout + r.stderr
     a, b = png(tmp_path / '0' / 'big.png'), png(tmp_path / '2' / 'big.png')
     assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
 
@@ -1504,13 +1521,16 @@ def test_interpolate_endpoints_mean_and_loading(pair, monkeypatch, capsys):
         code, printed, err = run_script(INTERPOLATE, args, monkeypatch, capsys)
         assert code == 0 and f'wrote {out}' in printed, err
         blend = torch.load(out, weights_only=True)
-        assert blend['config']['alpha'] == alpha and blend['model_args'] == asdict(SwinIRConfig(**SAMPLE_TINY))
+        assert (blend['config']['alpha'] == alpha
+                and blend['model_args'] == asdict(SwinIRConfig(**SAMPLE_TINY)))
         for k, t in blend['model'].items():
-            want = g[k] if alpha == 0 else p[k] if alpha == 1 else (p[k] + g[k]) / 2  # EMA of the PSNR model
+            want = (g[k] if alpha == 0 else p[k] if alpha == 1
+                    else (p[k] + g[k]) / 2)  # EMA of the PSNR model
             assert torch.equal(t, want), k
         model, cfg = load_generator(str(out))  # as sample.py and train.py --init load it
-        assert cfg == SwinIRConfig(**SAMPLE_TINY) and torch.equal(model.state_dict()['conv_first.weight'],
-                                                           blend['model']['conv_first.weight'])
+        assert (cfg == SwinIRConfig(**SAMPLE_TINY)
+                and torch.equal(model.state_dict()['conv_first.weight'],
+                                blend['model']['conv_first.weight']))
 
 
 INTERP_BAD = [  # (arguments, what the one error line says); {d}: the `broken` folder, {p}: `pair`
@@ -1579,7 +1599,8 @@ TRAIN_TINY = ['--gt_size=64', '--patch_size=8', '--embed_dim=12', '--depths=[2]'
               '--window_size=4', '--batch_size=2', '--pool_size=4', '--refill_size=2',
               '--refill_every=1', '--log_interval=1']
 
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # tiny models: threads only cost, on a shared CPU a lot
+# tiny models: threads only cost, on a shared CPU a lot
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
 def with_model_file(args):
@@ -1591,7 +1612,8 @@ def with_model_file(args):
 
 
 def train(*args):
-    """Run train.py in this process (it is a script: its settings live in a fresh namespace each time)."""
+    """Run train.py in this process (it is a script: its settings live in a fresh namespace each
+    time)."""
     argv, sys.argv, threads = sys.argv, [TRAIN, *with_model_file(args)], torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -1614,7 +1636,8 @@ def faces(folder, n, size=64, seed=0):
     for i in range(n):
         f = rs.uniform(1, 4, (3, 2))
         a = np.stack([np.sin(2 * np.pi * (f[c, 0] * xx + f[c, 1] * yy) + i) for c in range(3)], -1)
-        Image.fromarray(((a * 0.5 + 0.5) * 255).astype(np.uint8)).save(os.path.join(folder, f'{i:03d}.png'))
+        Image.fromarray(((a * 0.5 + 0.5) * 255).astype(np.uint8)).save(
+            os.path.join(folder, f'{i:03d}.png'))
 
 
 @pytest.fixture(scope='module')
@@ -1624,13 +1647,15 @@ def data(tmp_path_factory):
     faces(str(root / 'val' / 'GT'), 3, seed=1)
     os.makedirs(root / 'val' / 'LQ')
     for name in os.listdir(root / 'val' / 'GT'):
-        Image.open(root / 'val' / 'GT' / name).resize((16, 16), Image.BICUBIC).save(root / 'val' / 'LQ' / name)
+        Image.open(root / 'val' / 'GT' / name).resize((16, 16), Image.BICUBIC).save(
+            root / 'val' / 'LQ' / name)
     return [f'--data_dir={root / "train"}', f'--val_dir={root / "val"}']
 
 
 @pytest.fixture(scope='module')
 def vgg_file(tmp_path_factory):
-    """A random torchvision-format vgg19 state dict (the real weights are not needed to test the plumbing)."""
+    """A random torchvision-format vgg19 state dict (the real weights are not needed to test the
+    plumbing)."""
     sd, c_in, i = {}, 3, 0
     for n, c in [(2, 64), (2, 128), (4, 256), (4, 512), (4, 512)]:
         for _ in range(n):
@@ -1655,20 +1680,24 @@ def load(path):
 
 
 def test_psnr_steps_lower_the_loss_on_a_fixed_batch(data, tmp_path, capsys):
-    # pool = one batch of whole LQ faces, never refilled after the first draw: every step sees the same batch
-    train(*data, *TRAIN_TINY, '--patch_size=16', '--pool_size=2', '--refill_every=1000000', '--max_iters=30',
-          '--learning_rate=2e-3', '--eval_interval=15', f'--out_dir={tmp_path}')
+    # pool = one batch of whole LQ faces, never refilled after the first draw: every step sees the
+    # same batch
+    train(*data, *TRAIN_TINY, '--patch_size=16', '--pool_size=2', '--refill_every=1000000',
+          '--max_iters=30', '--learning_rate=2e-3', '--eval_interval=15', f'--out_dir={tmp_path}')
     log = [r for r in records(tmp_path) if 'loss' in r]
     assert [r['iter'] for r in log] == list(range(1, 31)) and log[-1]['loss'] < 0.5 * log[1]['loss']
     out = capsys.readouterr().out
-    assert '"embed_dim": 12' in out and re.search(r'iter 30/30 \| epoch 10\.00 \| loss .* ms/iter \| ETA', out)
+    assert ('"embed_dim": 12' in out
+            and re.search(r'iter 30/30 \| epoch 10\.00 \| loss .* ms/iter \| ETA', out))
     ckpt = load(tmp_path / 'ckpt.pt')
-    assert {'model', 'ema', 'disc', 'optimizer', 'disc_optimizer', 'model_args', 'disc_args', 'iter', 'best_psnr',
-            'config', 'resume'} <= set(ckpt) and ckpt['iter'] == 30 and ckpt['disc'] is None
+    assert ({'model', 'ema', 'disc', 'optimizer', 'disc_optimizer', 'model_args', 'disc_args',
+             'iter', 'best_psnr', 'config', 'resume'} <= set(ckpt)
+            and ckpt['iter'] == 30 and ckpt['disc'] is None)
     assert ckpt['model_args']['embed_dim'] == 12 and ckpt['config']['max_iters'] == 30
     val = [r['val_psnr'] for r in records(tmp_path) if 'val_psnr' in r]
     small = load(tmp_path / 'model.pt')  # the best EMA weights only, for --init/interpolate/sample
-    assert small['val_psnr'] == max(val) and set(small) == {'model', 'model_args', 'iter', 'val_psnr', 'config'}
+    assert (small['val_psnr'] == max(val)
+            and set(small) == {'model', 'model_args', 'iter', 'val_psnr', 'config'})
     best_iter = next(r['iter'] for r in records(tmp_path) if r.get('val_psnr') == max(val))
     assert small['iter'] == best_iter and small['model'].keys() == ckpt['ema'].keys()
     for name in ('grid.png', 'curves.png'):
@@ -1678,44 +1707,52 @@ def test_psnr_steps_lower_the_loss_on_a_fixed_batch(data, tmp_path, capsys):
 
 def test_gan_from_psnr_init_updates_g_and_d(data, psnr_ckpt, vgg_file, tmp_path, capsys):
     # no model flags: --init's architecture (embed_dim 12) wins over the seed defaults
-    gan = [*data, *TRAIN_TINY[:2], '--batch_size=2', '--pool_size=4', '--refill_size=2', '--mode=gan',
-           f'--init={psnr_ckpt}', f'--vgg_path={vgg_file}', '--eval_interval=100']
+    gan = [*data, *TRAIN_TINY[:2], '--batch_size=2', '--pool_size=4', '--refill_size=2',
+           '--mode=gan', f'--init={psnr_ckpt}', f'--vgg_path={vgg_file}', '--eval_interval=100']
     train(*gan, '--max_iters=0', f'--out_dir={tmp_path / "g0"}')
     train(*gan, '--max_iters=2', '--log_interval=1', f'--out_dir={tmp_path / "g2"}')
     assert 'the architecture comes from' in capsys.readouterr().out
-    psnr, g0, g2 = load(psnr_ckpt), load(tmp_path / 'g0' / 'ckpt.pt'), load(tmp_path / 'g2' / 'ckpt.pt')
-    assert all(torch.equal(psnr['model'][k], g0['model'][k]) for k in psnr['model'])  # G starts from the EMA
+    psnr, g0, g2 = (load(psnr_ckpt), load(tmp_path / 'g0' / 'ckpt.pt'),
+                    load(tmp_path / 'g2' / 'ckpt.pt'))
+    # G starts from the EMA
+    assert all(torch.equal(psnr['model'][k], g0['model'][k]) for k in psnr['model'])
     assert g2['model_args']['embed_dim'] == 12 and g2['disc_args']['num_feat'] == 24
     for part in ('model', 'disc'):
         assert g0[part].keys() == g2[part].keys()
-        assert any(not torch.equal(g0[part][k], g2[part][k]) for k in g0[part] if k.endswith(('weight', 'weight_orig')))
+        assert any(not torch.equal(g0[part][k], g2[part][k])
+                   for k in g0[part] if k.endswith(('weight', 'weight_orig')))
     n_d = sum(1 for k in g2['disc'] if not k.endswith(('weight_u', 'weight_v')))  # D parameters
-    assert len(g2['disc_optimizer']['state']) == n_d and len(g2['optimizer']['state']) == len(g2['model'])
+    assert (len(g2['disc_optimizer']['state']) == n_d
+            and len(g2['optimizer']['state']) == len(g2['model']))
     log = [r for r in records(tmp_path / 'g2') if 'loss' in r]
-    assert len(log) == 2 and all(r['d'] > 0 and r['gan'] > 0 and r['percep'] > 0 and r['l1'] > 0 for r in log)
+    assert len(log) == 2 and all(r['d'] > 0 and r['gan'] > 0 and r['percep'] > 0 and r['l1'] > 0
+                                 for r in log)
 
 
 def test_resume_after_kill_equals_uninterrupted(data, tmp_path):
-    # GAN mode: covers G, D (spectral-norm buffers), both Adams, the EMA, the pool and every RNG stream
-    # (VGG is frozen and stateless: left out to keep the three runs quick)
-    args = [*data, *TRAIN_TINY, '--mode=gan', '--perceptual_weight=0', '--max_iters=6', '--eval_interval=3',
-            '--refill_every=2', f'--model_file={tmp_path / "model.pt"}']
+    # GAN mode: covers G, D (spectral-norm buffers), both Adams, the EMA, the pool and every RNG
+    # stream (VGG is frozen and stateless: left out to keep the three runs quick)
+    args = [*data, *TRAIN_TINY, '--mode=gan', '--perceptual_weight=0', '--max_iters=6',
+            '--eval_interval=3', '--refill_every=2', f'--model_file={tmp_path / "model.pt"}']
     run = TRAIN
     pytest.importorskip('runpy')  # the killer script below runs train.py with it
-    subprocess.run([sys.executable, run, *args, f'--out_dir={tmp_path / "a"}'], check=True, capture_output=True,
-                   env=ONE_THREAD)
-    killer = tmp_path / 'kill_at_step.py'  # kill -9 during iteration 5 (two Adam steps per iteration)
+    subprocess.run([sys.executable, run, *args, f'--out_dir={tmp_path / "a"}'], check=True,
+                   capture_output=True, env=ONE_THREAD)
+    # kill -9 during iteration 5 (two Adam steps per iteration)
+    killer = tmp_path / 'kill_at_step.py'
     killer.write_text(f"import os, signal, sys, runpy, torch\nsys.path.insert(0, {HERE!r})\n"
                       f"step, n = torch.optim.Adam.step, [0]\n"
                       f"def killing(self, *a, **k):\n    n[0] += 1\n"
-                      f"    if n[0] == 9: os.kill(os.getpid(), signal.SIGKILL)\n    return step(self, *a, **k)\n"
-                      f"torch.optim.Adam.step = killing\nrunpy.run_path({run!r}, run_name='__main__')\n")
-    b = subprocess.run([sys.executable, str(killer), *args, f'--out_dir={tmp_path / "b"}'], capture_output=True,
-                       env=ONE_THREAD)
+                      f"    if n[0] == 9: os.kill(os.getpid(), signal.SIGKILL)\n"
+                      f"    return step(self, *a, **k)\n"
+                      f"torch.optim.Adam.step = killing\n"
+                      f"runpy.run_path({run!r}, run_name='__main__')\n")
+    b = subprocess.run([sys.executable, str(killer), *args, f'--out_dir={tmp_path / "b"}'],
+                       capture_output=True, env=ONE_THREAD)
     assert b.returncode == -signal.SIGKILL and load(tmp_path / 'b' / 'ckpt.pt')['iter'] == 3
     assert max(r['iter'] for r in records(tmp_path / 'b')) == 4  # it logged past its checkpoint
-    subprocess.run([sys.executable, run, *args, '--resume=True', f'--out_dir={tmp_path / "b"}'], check=True,
-                   capture_output=True, env=ONE_THREAD)
+    subprocess.run([sys.executable, run, *args, '--resume=True', f'--out_dir={tmp_path / "b"}'],
+                   check=True, capture_output=True, env=ONE_THREAD)
     la, lb = records(tmp_path / 'a'), records(tmp_path / 'b')
     strip = lambda log: [{k: v for k, v in r.items() if k != 'lr'} for r in log]  # noqa: E731
     assert strip(la) == strip(lb) and len([r for r in lb if 'loss' in r]) == 6
@@ -1726,8 +1763,9 @@ def test_resume_after_kill_equals_uninterrupted(data, tmp_path):
 
 def test_two_process_gloo_run_ends_with_identical_weights(data, tmp_path):
     out = tmp_path / 'ddp'
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                        TRAIN, *data, *TRAIN_TINY, '--max_iters=3', '--eval_interval=3', f'--out_dir={out}',
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                        '--nproc_per_node=2', TRAIN, *data, *TRAIN_TINY, '--max_iters=3',
+                        '--eval_interval=3', f'--out_dir={out}',
                         f'--model_file={tmp_path / "model.pt"}'],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[:3000] + "\n...\n" + r.stderr[-1000:]
@@ -1895,7 +1933,8 @@ def test_non_finite_step_is_skipped_and_reported(data, tmp_path, capsys, monkeyp
     opt = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
 
     def state():
-        return [t.clone() for t in [*net.parameters(), *(v for s in opt.state.values() for v in s.values())]]
+        return [t.clone() for t in [*net.parameters(),
+                                    *(v for s in opt.state.values() for v in s.values())]]
 
     def try_step(scale):
         net(torch.ones(1, 3)).sum().mul(scale).backward()
@@ -1904,12 +1943,14 @@ def test_non_finite_step_is_skipped_and_reported(data, tmp_path, capsys, monkeyp
 
     ok, before = try_step(float('nan'))  # a first step: moments and step count stay zero
     assert ok == 0 and all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
-    assert all(torch.count_nonzero(s['exp_avg']) == 0 and s['step'] == 0 for s in opt.state.values())
+    assert all(torch.count_nonzero(s['exp_avg']) == 0 and s['step'] == 0
+               for s in opt.state.values())
     ok, before = try_step(1.0)
     assert ok == 1 and not torch.equal(before[0], net.weight)
     ok, before = try_step(float('inf'))
     after = state()
-    assert ok == 0 and len(before) == len(after) == 8  # 2 weights, each with step, exp_avg, exp_avg_sq
+    # 2 weights, each with step, exp_avg, exp_avg_sq
+    assert ok == 0 and len(before) == len(after) == 8
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # the step count too
     mse, calls = torch.nn.functional.mse_loss, [0]
 
@@ -2085,12 +2126,15 @@ def test_training_iteration_dispatches_no_host_sync(bench):
 def test_cpu_hour_preset_trains_and_is_the_shipped_model(data, tmp_path, capsys):
     presets = run_path(TRAIN, run_name='not_main')['PRESETS']
     hour = presets['cpu_hour']
-    assert hour['embed_dim'] == 36 and hour['first_order_prob'] == 0.25 and presets['cpu']['max_iters'] == 8000
+    assert (hour['embed_dim'] == 36 and hour['first_order_prob'] == 0.25
+            and presets['cpu']['max_iters'] == 8000)
     # the preset as it is, on small faces for 3 iterations; explicit flags beat the preset
-    train(*data, '--preset=cpu_hour', '--gt_size=64', '--patch_size=16', '--pool_size=8', '--refill_size=4',
-          '--refill_every=2', '--max_iters=3', '--eval_interval=3', '--log_interval=1', f'--out_dir={tmp_path}')
+    train(*data, '--preset=cpu_hour', '--gt_size=64', '--patch_size=16', '--pool_size=8',
+          '--refill_size=4', '--refill_every=2', '--max_iters=3', '--eval_interval=3',
+          '--log_interval=1', f'--out_dir={tmp_path}')
     out = capsys.readouterr().out
-    assert '132,186 G parameters' in out and '"first_order_prob": 0.25' in out and '"max_iters": 3,' in out
+    assert ('132,186 G parameters' in out and '"first_order_prob": 0.25' in out
+            and '"max_iters": 3,' in out)
     assert [r['iter'] for r in records(tmp_path) if 'loss' in r] == [1, 2, 3]
     assert load(tmp_path / 'model.pt')['model_args']['depths'] == [2, 2, 2]
     if os.path.isfile(SHIPPED):  # weights/default.pt was trained by exactly this preset
@@ -2105,14 +2149,15 @@ def test_chain_psnr_gan_interpolate_sample_as_the_card_writes_it(tmp_path):
         os.makedirs(tmp_path / 'val' / side)
         for name in sorted(os.listdir(os.path.join(VAL, side)))[:3]:
             shutil.copy(os.path.join(VAL, side, name), tmp_path / 'val' / side)
-    data = [f"--data_dir={os.path.join(SHARED, 'data', 'faces', 'train')}", f"--val_dir={tmp_path / 'val'}",
+    data = [f"--data_dir={os.path.join(SHARED, 'data', 'faces', 'train')}",
+            f"--val_dir={tmp_path / 'val'}",
             '--gt_size=128', '--patch_size=16', '--embed_dim=12', '--depths=[2]', '--num_heads=[2]',
             '--batch_size=2', '--pool_size=4', '--refill_size=2', '--log_interval=2']
     r = run('train.py', '--mode=psnr', *data, '--max_iters=4', '--eval_interval=2', cwd=tmp_path)
     assert r.returncode == 0 and 'psnr.pt updated' in r.stdout, r.stderr[-2000:]
     r = run('train.py', '--mode=gan', '--init=psnr.pt', '--perceptual_weight=0', *data[:2],
-            '--gt_size=128', '--patch_size=16', '--batch_size=2', '--pool_size=4', '--refill_size=2',
-            '--max_iters=2', '--eval_interval=2', cwd=tmp_path)
+            '--gt_size=128', '--patch_size=16', '--batch_size=2', '--pool_size=4',
+            '--refill_size=2', '--max_iters=2', '--eval_interval=2', cwd=tmp_path)
     assert r.returncode == 0 and 'gan.pt updated' in r.stdout, r.stderr[-2000:]
     assert {'out_psnr', 'out_gan', 'psnr.pt', 'gan.pt'} <= set(os.listdir(tmp_path))
     r = run('interpolate.py', '0.25', cwd=tmp_path)
@@ -2123,11 +2168,13 @@ def test_chain_psnr_gan_interpolate_sample_as_the_card_writes_it(tmp_path):
     r = run('sample.py', 'photos/', cwd=tmp_path)
     assert r.returncode == 0 and 'model: interp.pt' in r.stdout, r.stdout + r.stderr[-2000:]
     names = sorted(os.listdir(tmp_path / 'photos'))
-    assert sorted(os.listdir(tmp_path / 'results')) == sorted(os.path.splitext(n)[0] + '.png' for n in names)
+    assert (sorted(os.listdir(tmp_path / 'results'))
+            == sorted(os.path.splitext(n)[0] + '.png' for n in names))
     net, _ = load_generator(str(tmp_path / 'interp.pt'))
     lq = degrade.read_image(str(tmp_path / 'photos' / names[0]))[:3]
     with torch.no_grad():
         want = degrade.to_uint8(net.eval()(lq[None])[0])
-    got = torch.from_numpy(np.array(Image.open(tmp_path / 'results' / (os.path.splitext(names[0])[0] + '.png'))))
+    got = torch.from_numpy(np.array(Image.open(tmp_path / 'results'
+                                               / (os.path.splitext(names[0])[0] + '.png'))))
     assert got.shape == (4 * lq.shape[1], 4 * lq.shape[2], 3)
     assert (got.permute(2, 0, 1).int() - want.int()).abs().max() <= 1
