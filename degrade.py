@@ -12,6 +12,7 @@ per-sample reflect indices, JPEG runs on whole canvases (their zeros = the refer
 """
 import ast
 import contextlib
+import functools
 import math
 import os
 import re
@@ -258,7 +259,6 @@ def poisson_noise(img, scale, gray, generator=None, sizes=None):
 
 
 # ---- JPEG round trip (basicsr DiffJPEG, differentiable=False: its tables, colour maps, rounding)
-# tables copied to the image's device at each call (non_blocking: no host sync on a GPU)
 _Y_TABLE = torch.tensor([
     16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
     14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113,
@@ -273,6 +273,11 @@ _D = torch.tensor([[math.cos((2 * x + 1) * u * math.pi / 16) / 2 * (0.5 ** 0.5 i
 _DCT = torch.kron(_D, _D).float()  # (64,64) orthonormal: row-major 8x8 X -> row-major D X D^T
 
 
+@functools.lru_cache(maxsize=4)  # copied once: a copy from pageable host memory drains a GPU queue
+def _jpeg_tables(device, dtype):  # DCT, Y and C quantisation tables, RGB->YCbCr, YCbCr->RGB
+    return [t.to(device, dtype) for t in (_DCT, _Y_TABLE, _C_TABLE, _RGB2YCC, _YCC2RGB)]
+
+
 def jpeg(img, quality):
     """JPEG encode/decode of (B,3,H,W) in [0,1] at per-sample quality (B,) (or one number): YCbCr,
     4:2:0 chroma by 2x2 means, 8x8 DCT, standard tables scaled as libjpeg does, true rounding, zero
@@ -280,20 +285,20 @@ def jpeg(img, quality):
     B, _, H, W = img.shape
     q = torch.as_tensor(quality, dtype=torch.float32, device=img.device).expand(B)
     factor = torch.where(q < 50, 5000 / q, 200 - q * 2) / 100
-    dct = _DCT.to(img, non_blocking=True)
+    dct, y_table, c_table, rgb2ycc, ycc2rgb = _jpeg_tables(img.device, img.dtype)
 
     def round_trip(x, table):  # (B,c,h,w): 8x8 block DCT, quantise with table * factor, back
         c, h, w = x.shape[1:]
         # clamp: quality 100 gives a zero table (DiffJPEG divides by it); libjpeg keeps steps >= 1
-        step = (table.to(x, non_blocking=True).flatten() * factor.view(-1, 1, 1)).clamp_min(1)
+        step = (table.flatten() * factor.view(-1, 1, 1)).clamp_min(1)
         blocks = (x - 128).view(B, c, h // 8, 8, w // 8, 8).transpose(3, 4).reshape(B, -1, 64)
         blocks = (torch.round(blocks @ dct.T / step).mul_(step) @ dct).add_(128)
         return blocks.view(B, c, h // 8, w // 8, 8, 8).transpose(3, 4).reshape(B, c, h, w)
     x = F.pad(img, (0, -W % 16, 0, -H % 16)) if H % 16 or W % 16 else img
-    m = _RGB2YCC.to(img, non_blocking=True) * 255
-    y = round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], _Y_TABLE)
-    c = round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, _C_TABLE)
-    rgb = torch.einsum('bchw,jc->bjhw', c - 128, _YCC2RGB[:, 1:].to(img, non_blocking=True))
+    m = rgb2ycc * 255
+    y = round_trip(x[:, :1] * m[0, 0] + x[:, 1:2] * m[0, 1] + x[:, 2:] * m[0, 2], y_table)
+    c = round_trip(torch.einsum('bchw,jc->bjhw', F.avg_pool2d(x, 2), m[1:]) + 128, c_table)
+    rgb = torch.einsum('bchw,jc->bjhw', c - 128, ycc2rgb[:, 1:])
     rgb = F.interpolate(rgb, scale_factor=2.0).add_(y)
     return rgb[..., :H, :W].contiguous().clamp_(0, 255).mul_(1 / 255)
 
