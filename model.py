@@ -394,7 +394,7 @@ class VGGFeatures(nn.Module):
 
 
 # ==== python model.py [--bench] [--ref=PATH] [--repeats=N] ====
-bench = False  # time SwinIR's seed config, fwd+bwd 2x3x64x64 and inference 1x3x128x128
+bench = False  # time SwinIR's seed config: inference 1x3x128x128, fwd+bwd 2x3x64x64, inference
 ref = ''  # the official network_swinir.py (basicsr's swinir_arch.py): timed side by side
 repeats = 5  # timed runs per task, the median reported
 
